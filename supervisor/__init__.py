@@ -1,0 +1,1 @@
+"""svcd's process supervisor: pure asyncio, no grpc or etcd imports."""

@@ -1,0 +1,73 @@
+"""Point-in-time views of services and workers, for status, metrics and the registry.
+
+Plain frozen dataclasses built by `Service.status()`; nothing here refers back to live
+objects, so a view can be handed to another task (the registry, the gRPC servicer)
+without races.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker slot as `svctl status --json` shows it (plus extras)."""
+
+    worker: str  # "service:index"
+    index: int
+    pid: int  # 0 when no process
+    generation: int
+    state: str  # supervisor.states.WorkerState value
+    ready: bool
+    health: str  # passing | failing | unknown
+    restarts: int
+    uptime_s: float
+    rss_bytes: float
+    cpu_percent: float
+    cpu_seconds: float
+    connections: int
+    requests: int
+    qps: float
+    send_fail: int = 0
+    timers: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started_at: float = 0.0  # wall clock, 0 when no process
+    health_reason: str = ""
+    status_text: str = ""  # last STATUS= from sd_notify
+    last_exit: str = ""  # "code 1" / "signal SIGKILL" / ""
+    exit_counts: dict[str, int] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # user counters/gauges
+    num_fds: int = 0
+    num_threads: int = 0
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """One service and all its current workers (old and new generation during a reload)."""
+
+    name: str
+    state: str  # supervisor.states.ServiceState value
+    desired: int
+    ready: int
+    generation: int
+    workers: tuple[WorkerStatus, ...]
+    listen: tuple[str, ...] = ()
+    required_ready: int = 0
+    reloads: int = 0
+    advertise: str = ""
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One captured line of a worker's stdout or stderr."""
+
+    time: float  # wall clock
+    service: str
+    worker: int  # index
+    pid: int
+    stream: str  # "stdout" | "stderr"
+    line: str  # without the trailing newline; cut at LogSpec.max_line

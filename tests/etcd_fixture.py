@@ -1,0 +1,1 @@
+"""etcd for tests (filled in by the registry work)."""

@@ -1,0 +1,55 @@
+"""Wait for a condition with a deadline: the only way tests synchronise with processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+POLL = 0.01
+
+
+async def wait_for(
+    predicate: Callable[[], T | Awaitable[T]], timeout: float = 10.0, what: str = ""
+) -> T:
+    """Poll `predicate` until it returns a truthy value; return that value.
+
+    Raises AssertionError naming `what` when `timeout` seconds pass first. The
+    predicate may be a plain function or a coroutine function; exceptions it raises
+    count as "not yet" until the deadline, then are re-raised.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if asyncio.iscoroutine(value) or isinstance(value, Awaitable):
+                value = await value
+            if value:
+                return value  # type: ignore[return-value]
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last_error = exc
+        if time.monotonic() >= deadline:
+            if last_error is not None:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}") from last_error
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(POLL)
+
+
+def wait_for_sync(predicate: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
+    """Blocking twin of `wait_for` for tests that are not async."""
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001
+            last_error = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from last_error
+        time.sleep(POLL)
