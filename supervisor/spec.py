@@ -21,6 +21,16 @@ HealthKind = Literal["http", "tcp", "grpc", "exec", "none"]
 OnFailure = Literal["restart", "unready"]
 
 EMPTY_ENV: Mapping[str, str] = MappingProxyType({})
+_EMPTY_LIMITS: Mapping[str, int] = MappingProxyType({})
+
+
+def _empty_env() -> Mapping[str, str]:
+    # a factory: dataclasses refuse an unhashable default such as a mappingproxy
+    return EMPTY_ENV
+
+
+def _empty_limits() -> Mapping[str, int]:
+    return _EMPTY_LIMITS
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,7 @@ class ServiceSpec:
     cwd: str | None = None
     user: str | None = None
     group: str | None = None
-    env: Mapping[str, str] = field(default=EMPTY_ENV)
+    env: Mapping[str, str] = field(default_factory=_empty_env)
     env_file: str | None = None
     stop_signal: str = "SIGTERM"
     listen: tuple[ListenSpec, ...] = ()
@@ -122,11 +132,11 @@ class ServiceSpec:
     max_unavailable: int = 0
     min_ready: int | None = None
     umask: int | None = None
-    rlimits: Mapping[str, int] = field(default=EMPTY_ENV)  # type: ignore[assignment]
+    rlimits: Mapping[str, int] = field(default_factory=_empty_limits)
     # registry settings of this service ([services.X.registry])
     advertise: str | None = None
     deregister_delay: float = 0.0
-    meta: Mapping[str, str] = field(default=EMPTY_ENV)
+    meta: Mapping[str, str] = field(default_factory=_empty_env)
 
     @property
     def required_ready(self) -> int:
