@@ -1,0 +1,400 @@
+"""Worker stdout/stderr capture: lines, per-service files with rotation, ring, follow.
+
+Each worker's stdout and stderr are pipes; `LogStore.attach` reads the agent's end with
+`loop.add_reader`. Lines go to `<directory>/<service>.log` (text or JSON lines), rotated
+by size into `.1` .. `.N`, into a ring buffer for `svctl logs -n`, and to live followers
+for `svctl logs -f`.
+
+Invariants (a worker's output must never hurt supervision):
+- Memory is bounded: a line longer than `LogSpec.max_line` bytes is cut there (the
+  kept part ends with `CUT_MARK`, the rest up to the newline is discarded), whether or
+  not a newline ever comes; the ring holds `ring_lines` lines; each follower queue
+  holds `FOLLOW_QUEUE` lines (a slow follower loses lines and is told how many).
+- The loop is never held for long: at most `MAX_READS_PER_TICK` reads of `READ_CHUNK`
+  bytes per wakeup per pipe; file writes are plain write(2) into the page cache, one
+  per wakeup, never fsync.
+- A failing disk (ENOSPC, EIO, a removed directory) loses file lines, counted in
+  `dropped`, and nothing else: ring, followers and supervision go on; the file is
+  reopened on a later write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from supervisor.spec import LogSpec
+from supervisor.status import LogLine
+
+log = logging.getLogger(__name__)
+
+#: Bytes per read(2) of a pipe (the pipe buffer is 64 KiB by default).
+READ_CHUNK = 64 * 1024
+#: Reads per pipe per loop wakeup: 1 MiB, then other callbacks get their turn.
+MAX_READS_PER_TICK = 16
+#: Appended to a line cut at LogSpec.max_line.
+CUT_MARK = " [svcd: line cut]"
+_CUT_MARK_B = CUT_MARK.encode()
+#: Lines queued per live follower before it starts losing lines.
+FOLLOW_QUEUE = 10_000
+#: After a failed open of the log file, wait this long before trying again.
+REOPEN_INTERVAL = 5.0
+#: Mode of created log files.
+FILE_MODE = 0o640
+#: `stream` of the marker line a follower gets after losing lines.
+SVCD_STREAM = "svcd"
+
+
+def format_time(wall: float) -> str:
+    """`2026-11-27T10:00:00.123Z` (UTC, milliseconds)."""
+    ms = int(wall * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{ms:03d}Z"
+
+
+@dataclass
+class _Pipe:
+    worker: int
+    pid: int
+    stream: str
+    fd: int
+    prefix: bytes  # b"api:0[1234] stdout: "
+    loop: asyncio.AbstractEventLoop
+    closed: asyncio.Future[None]
+    partial: bytearray = field(default_factory=bytearray)
+    discarding: bool = False  # inside the rest of a line that was cut
+
+
+@dataclass
+class _Follower:
+    worker: int | None
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    lines: collections.deque[LogLine] = field(default_factory=collections.deque)
+    missed: int = 0
+
+
+class _LogFile:
+    """Appends to one file, rotating by size into path.1 .. path.N. Never raises."""
+
+    def __init__(self, path: Path, spec: LogSpec) -> None:
+        self.path = path
+        self.spec = spec
+        self._fd: int | None = None
+        self._size = 0
+        self._retry_at = 0.0
+        self.failing = False
+
+    def write(self, data: bytes) -> bool:
+        """Append `data`; False if (part of) it was lost."""
+        try:
+            if self._fd is None:
+                if time.monotonic() < self._retry_at:
+                    return False
+                self._open()
+            limit = self.spec.max_bytes
+            if limit > 0 and self._size > 0 and self._size + len(data) > limit:
+                self._rotate()
+            assert self._fd is not None
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                self._size += n
+                view = view[n:]
+        except OSError as exc:
+            if not self.failing:
+                log.warning("log file %s: %s; dropping lines until it works again", self.path, exc)
+            self.failing = True
+            self._close()
+            self._retry_at = time.monotonic() + REOPEN_INTERVAL
+            return False
+        if self.failing:
+            log.warning("log file %s: writing again", self.path)
+            self.failing = False
+        return True
+
+    def _open(self) -> None:
+        self._fd = os.open(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
+        )
+        self._size = os.fstat(self._fd).st_size
+
+    def _rotate(self) -> None:
+        self._close()
+        backups = self.spec.backups
+        if backups <= 0:
+            os.truncate(self.path, 0)
+        else:
+            for i in range(backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{i}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._open()
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def close(self) -> None:
+        self._close()
+
+
+class LogStore:
+    """All captured output of one service (every worker, both streams).
+
+    Use from the loop thread. `attach` takes ownership of the read end of a pipe and
+    closes it at EOF, on `detach` or on `close`.
+    """
+
+    def __init__(self, service: str, directory: Path | None, spec: LogSpec) -> None:
+        self.service = service
+        self.spec = spec
+        self.path = None if directory is None else Path(directory) / f"{service}.log"
+        self._file = None if self.path is None else _LogFile(self.path, spec)
+        self._ring: collections.deque[LogLine] = collections.deque(maxlen=spec.ring_lines)
+        self._pipes: dict[int, _Pipe] = {}
+        self._followers: set[_Follower] = set()
+        self._closed = False
+        self.lines = 0  # lines captured
+        self.cut = 0  # lines cut at max_line
+        self.dropped = 0  # lines that could not be written to the file
+
+    # -- pipes ---------------------------------------------------------------------
+
+    def attach(self, worker: int, pid: int, stream: str, fd: int) -> None:
+        """Start capturing `fd` (the read end of the worker's stdout or stderr pipe)."""
+        if self._closed:
+            os.close(fd)
+            return
+        loop = asyncio.get_running_loop()
+        os.set_blocking(fd, False)
+        prefix = f"{self.service}:{worker}[{pid}] {stream}: ".encode()
+        pipe = _Pipe(worker, pid, stream, fd, prefix, loop, loop.create_future())
+        self._pipes[fd] = pipe
+        loop.add_reader(fd, self._on_readable, pipe)
+
+    def detach(self, worker: int, pid: int | None = None) -> None:
+        """Stop capturing `worker`'s pipes (of `pid` only, if given), keeping what is
+        already in the pipe now (bounded) and a last unterminated line."""
+        for pipe in list(self._pipes.values()):
+            if pipe.worker == worker and (pid is None or pipe.pid == pid):
+                self._read(pipe)
+                if pipe.fd in self._pipes:
+                    self._close_pipe(pipe)
+
+    async def wait_eof(self, worker: int, pid: int | None = None, grace: float = 1.0) -> bool:
+        """Wait until `worker`'s pipes (of `pid`) reached EOF; False after `grace` s.
+
+        A worker's last lines arrive after its exit status; await this before reporting
+        the exit to show them. Pipes still open after `grace` (a grandchild holds
+        them) stay attached. Cancellation only stops the wait.
+        """
+        waits = [
+            p.closed
+            for p in self._pipes.values()
+            if p.worker == worker and (pid is None or p.pid == pid)
+        ]
+        if not waits:
+            return True
+        _, pending = await asyncio.wait(waits, timeout=grace)
+        return not pending
+
+    def attached(self, worker: int | None = None) -> int:
+        """Number of open pipes (of `worker`)."""
+        return sum(1 for p in self._pipes.values() if worker is None or p.worker == worker)
+
+    def _on_readable(self, pipe: _Pipe) -> None:
+        try:
+            self._read(pipe)
+        except Exception:  # a reader must never raise into the loop
+            log.exception("logs of %s: capture failed; closing the pipe", self.service)
+            self._close_pipe(pipe)
+
+    def _read(self, pipe: _Pipe) -> None:
+        lines: list[bytes] = []
+        eof = False
+        for _ in range(MAX_READS_PER_TICK):
+            try:
+                chunk = os.read(pipe.fd, READ_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                eof = True
+                break
+            if not chunk:
+                eof = True
+                break
+            self._split(pipe, chunk, lines)
+        if eof and pipe.partial and not pipe.discarding:
+            lines.append(bytes(pipe.partial))  # a last line without newline
+            pipe.partial.clear()
+        if lines:
+            self._emit(pipe, lines)
+        if eof:
+            self._close_pipe(pipe)
+
+    def _split(self, pipe: _Pipe, chunk: bytes, out: list[bytes]) -> None:
+        """Complete lines of `chunk` (plus pipe.partial) into `out`, each <= max_line."""
+        max_line = self.spec.max_line
+        parts = chunk.split(b"\n")
+        rest = parts.pop()
+        if parts:
+            first = parts[0]
+            if pipe.discarding:
+                pipe.discarding = False  # the newline that ends a cut line
+                start = 1
+            else:
+                if pipe.partial:
+                    pipe.partial += first
+                    parts[0] = bytes(pipe.partial)
+                start = 0
+            pipe.partial.clear()
+            for line in parts[start:] if start else parts:
+                if len(line) > max_line:
+                    self.cut += 1
+                    line = line[:max_line] + _CUT_MARK_B
+                out.append(line)
+        if rest and not pipe.discarding:
+            pipe.partial += rest
+            if len(pipe.partial) > max_line:
+                # no newline in sight: emit what fits now, drop the rest of this line
+                self.cut += 1
+                out.append(bytes(pipe.partial[:max_line]) + _CUT_MARK_B)
+                pipe.partial.clear()
+                pipe.discarding = True
+
+    def _close_pipe(self, pipe: _Pipe) -> None:
+        if self._pipes.pop(pipe.fd, None) is None:
+            return
+        if not pipe.loop.is_closed():
+            pipe.loop.remove_reader(pipe.fd)
+        with contextlib.suppress(OSError):
+            os.close(pipe.fd)
+        if not pipe.closed.done():
+            pipe.closed.set_result(None)
+
+    # -- output --------------------------------------------------------------------
+
+    def _emit(self, pipe: _Pipe, lines: list[bytes]) -> None:
+        now = time.time()
+        self.lines += len(lines)
+        if self._file is not None:
+            data = self._file_bytes(pipe, lines, now)
+            if not self._file.write(data):
+                self.dropped += len(lines)
+        followers = [f for f in self._followers if f.worker in (None, pipe.worker)]
+        # Only the lines that will stay in the ring (or that a follower wants) become
+        # LogLine objects: a flood costs a split and a write, not an object per line.
+        keep = len(lines) if followers else min(len(lines), self._ring.maxlen or 0)
+        made = [
+            LogLine(now, self.service, pipe.worker, pipe.pid, pipe.stream, _text(b))
+            for b in lines[len(lines) - keep :]
+        ]
+        self._ring.extend(made)
+        for follower in followers:
+            room = FOLLOW_QUEUE - len(follower.lines)
+            if room < len(made):
+                follower.missed += len(made) - max(room, 0)
+            if room > 0:
+                follower.lines.extend(made[:room])
+            follower.wakeup.set()
+
+    def _file_bytes(self, pipe: _Pipe, lines: list[bytes], now: float) -> bytes:
+        stamp = format_time(now)
+        if self.spec.format == "json":
+            head = {
+                "time": stamp,
+                "service": self.service,
+                "worker": pipe.worker,
+                "pid": pipe.pid,
+                "stream": pipe.stream,
+            }
+            return "".join(
+                json.dumps({**head, "line": _text(b)}, ensure_ascii=False) + "\n" for b in lines
+            ).encode()
+        head_b = stamp.encode() + b" " + pipe.prefix
+        return head_b + (b"\n" + head_b).join(lines) + b"\n"
+
+    # -- reading back --------------------------------------------------------------
+
+    def tail(self, n: int, worker: int | None = None) -> list[LogLine]:
+        """The last `n` captured lines (of `worker`), oldest first."""
+        if n <= 0:
+            return []
+        if worker is None:
+            return list(self._ring)[-n:]
+        out: list[LogLine] = []
+        for line in reversed(self._ring):
+            if line.worker == worker:
+                out.append(line)
+                if len(out) >= n:
+                    break
+        out.reverse()
+        return out
+
+    async def follow(self, worker: int | None = None) -> AsyncIterator[LogLine]:
+        """Live lines (of `worker`) from now on, until `close()`.
+
+        A follower that falls more than FOLLOW_QUEUE lines behind loses lines and then
+        gets one line with stream "svcd" saying how many. Cancelling the consumer (or
+        leaving the `async for`) unsubscribes.
+        """
+        follower = _Follower(worker)
+        self._followers.add(follower)
+        try:
+            while True:
+                if follower.missed:
+                    missed, follower.missed = follower.missed, 0
+                    yield LogLine(
+                        time.time(),
+                        self.service,
+                        -1 if worker is None else worker,
+                        0,
+                        SVCD_STREAM,
+                        f"[svcd: {missed} lines skipped: reader too slow]",
+                    )
+                while follower.lines:
+                    yield follower.lines.popleft()
+                    if follower.missed:
+                        break
+                if follower.lines or follower.missed:
+                    continue
+                if self._closed:
+                    return
+                follower.wakeup.clear()
+                await follower.wakeup.wait()
+        finally:
+            self._followers.discard(follower)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def update_spec(self, spec: LogSpec) -> None:
+        """Apply new rotation/ring/line settings live (no restart of workers)."""
+        self.spec = spec
+        if self._file is not None:
+            self._file.spec = spec
+        if spec.ring_lines != self._ring.maxlen:
+            self._ring = collections.deque(self._ring, maxlen=spec.ring_lines)
+
+    def close(self) -> None:
+        """Close every pipe and the file; followers finish. Idempotent."""
+        self._closed = True
+        for pipe in list(self._pipes.values()):
+            self._close_pipe(pipe)
+        if self._file is not None:
+            self._file.close()
+        for follower in self._followers:
+            follower.wakeup.set()
+
+
+def _text(line: bytes) -> str:
+    return line.decode("utf-8", "replace")
