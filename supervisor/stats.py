@@ -1,0 +1,155 @@
+"""Resource and traffic statistics of one worker: psutil samples plus what it reports.
+
+Two sources feed `WorkerStats`:
+- `TreeSampler` samples the worker's whole process tree with psutil (a gunicorn-style
+  worker forks children that do the real work): RSS summed over the tree, CPU seconds
+  (alive processes plus what they reaped from exited children), fds and threads. CPU
+  percent is derived from CPU-seconds deltas between samples, so a child that appears or
+  goes away between two samples never produces a spike above the truth.
+- `apply_report` folds an `X_SVCD_STATS=<json>` report in (connections, requests,
+  send_fail, timers, bytes, user metrics); qps comes from request deltas over
+  monotonic time.
+
+Summing RSS over forked children counts shared copy-on-write pages more than once,
+like `ps` and most supervisors do; it errs on the side of a too-high figure.
+Nothing here blocks for long: a sample reads /proc a few times per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+#: CPU counts as a percentage of one core (like `top`), so 2 busy cores read 200 %.
+PERCENT = 100.0
+
+
+@dataclass(frozen=True)
+class TreeSample:
+    """One psutil sample of a worker's process tree."""
+
+    rss_bytes: int
+    cpu_seconds: float
+    cpu_percent: float
+    num_fds: int
+    num_threads: int
+    processes: int
+
+
+class TreeSampler:
+    """Samples the process tree rooted at one pid; keeps psutil handles between samples."""
+
+    def __init__(self, pid: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.pid = pid
+        self._clock = clock
+        self._root: psutil.Process | None = None
+        self._last: tuple[float, float] | None = None  # (monotonic, cpu_seconds)
+        with contextlib.suppress(psutil.Error):
+            self._root = psutil.Process(pid)
+
+    def sample(self) -> TreeSample | None:
+        """A fresh sample, or None when the root process is gone."""
+        if self._root is None:
+            return None
+        try:
+            procs = [self._root, *self._root.children(recursive=True)]
+        except psutil.Error:
+            return None
+        rss = fds = threads = alive = 0
+        cpu = 0.0
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    rss += proc.memory_info().rss
+                    fds += proc.num_fds()
+                    threads += proc.num_threads()
+            except psutil.Error:
+                continue  # exited between listing and reading: its time moved to its parent
+            cpu += times.user + times.system + times.children_user + times.children_system
+            alive += 1
+        now = self._clock()
+        percent = 0.0
+        if self._last is not None:
+            then, cpu_then = self._last
+            if now > then:
+                percent = max(0.0, (cpu - cpu_then) / (now - then) * PERCENT)
+        self._last = (now, cpu)
+        return TreeSample(rss, cpu, percent, fds, threads, alive)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass
+class WorkerStats:
+    """Latest figures of one worker process (reset when a new process starts)."""
+
+    rss_bytes: int = 0
+    cpu_seconds: float = 0.0
+    cpu_percent: float = 0.0
+    num_fds: int = 0
+    num_threads: int = 0
+    connections: int = 0
+    requests: int = 0
+    qps: float = 0.0
+    send_fail: int = 0
+    timers: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    _qps_base: tuple[float, int] | None = None
+
+    def apply_sample(self, sample: TreeSample) -> None:
+        self.rss_bytes = sample.rss_bytes
+        self.cpu_seconds = sample.cpu_seconds
+        self.cpu_percent = sample.cpu_percent
+        self.num_fds = sample.num_fds
+        self.num_threads = sample.num_threads
+
+    def apply_report(self, report: Mapping[str, Any], now: float) -> None:
+        """Fold one X_SVCD_STATS report in; unknown or malformed fields are ignored."""
+        if "connections" in report:
+            self.connections = _int(report["connections"])
+        if "requests" in report:
+            requests = _int(report["requests"])
+            self._update_qps(requests, now)
+            self.requests = requests
+        if "send_fail" in report:
+            self.send_fail = _int(report["send_fail"])
+        if "timers" in report:
+            self.timers = _int(report["timers"])
+        raw_bytes = report.get("bytes")
+        if isinstance(raw_bytes, Mapping):
+            self.bytes_in = _int(raw_bytes.get("in", self.bytes_in))
+            self.bytes_out = _int(raw_bytes.get("out", self.bytes_out))
+        if "bytes_in" in report:
+            self.bytes_in = _int(report["bytes_in"])
+        if "bytes_out" in report:
+            self.bytes_out = _int(report["bytes_out"])
+        metrics = report.get("metrics")
+        if isinstance(metrics, list):
+            self.metrics = [m for m in metrics if isinstance(m, dict)]
+        elif isinstance(metrics, Mapping):
+            self.metrics = [{"name": str(k), "value": v} for k, v in metrics.items()]
+
+    #: qps is averaged over at least this many seconds of reports.
+    QPS_WINDOW = 1.0
+
+    def _update_qps(self, requests: int, now: float) -> None:
+        if self._qps_base is None or requests < self._qps_base[1]:
+            self._qps_base = (now, requests)  # first report, or the counter restarted
+            return
+        then, base = self._qps_base
+        if now - then >= self.QPS_WINDOW:
+            self.qps = (requests - base) / (now - then)
+            self._qps_base = (now, requests)
