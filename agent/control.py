@@ -1,0 +1,544 @@
+"""The control socket: svcd.v1.Agent + grpc.health.v1 + reflection, and the probe port.
+
+Layout (SPEC.md "gRPC", issue 9):
+
+    svctl --unix--> <socket_path>            asyncio unix server: SO_PEERCRED check
+                         | allowed                          | refused
+                         v                                  v
+           <private>/agent.sock                 <private>/denied.sock
+           grpc.aio: Agent, Health, reflection  grpc.aio: every method PERMISSION_DENIED
+
+grpc never tells a servicer the peer's uid (grpc/grpc#15511), so the public socket is
+ours: each accepted connection is checked with SO_PEERCRED (uid, gid; SO_PEERGROUPS for
+supplementary groups) against the allow list (root, the agent's own uid, configured
+uids/gids) and then spliced, bytes both ways, to one of two grpc servers listening in
+a private 0700 directory. A refused caller thus gets a real gRPC PERMISSION_DENIED
+(svctl: "permission denied", exit 4) instead of a dropped connection.
+
+Invariants:
+- Single instance: an exclusive flock on `<socket_path>.lock` is taken before anything
+  is bound and held until stop; a grpc server would silently take over the path of a
+  live socket, so without it two agents could fight over one socket.
+- The socket's directory is owned by the agent's user (or root) and writable by no one
+  else (created 0700 if absent); the socket appears with its final mode (bound under a
+  temporary name, chmod-ed, then renamed into place).
+- The splice is bounded: at most MAX_CONNECTIONS at once, and each side stops reading
+  while the other side's write buffer is full (transport flow control).
+- The probe listener (plaintext TCP, for kubelet gRPC probes) serves Health only.
+- Health statuses come from `core.health_targets()`, recomputed on every event and at
+  least every HEALTH_REFRESH seconds; only changes are pushed (Watch streams see them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import stat
+import struct
+import tempfile
+from collections.abc import Collection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+
+from agent.api import SERVICE_NAME as AGENT_SERVICE_NAME
+from agent.api import AgentServicer
+
+if TYPE_CHECKING:
+    from agent.core import AgentCore
+
+log = logging.getLogger("svcd.control")
+
+#: Largest request a client may send (the control API's requests are tiny).
+MAX_RECEIVE_BYTES = 4 * 1024 * 1024
+#: Largest response (a status of many workers, a burst of log lines).
+MAX_SEND_BYTES = 64 * 1024 * 1024
+#: RPCs handled at once per server; more wait (grpc answers RESOURCE_EXHAUSTED).
+MAX_CONCURRENT_RPCS = 256
+#: Client connections spliced at once on the control socket; more are closed at once.
+MAX_CONNECTIONS = 256
+#: Health statuses are recomputed at least this often (seconds), besides on events.
+HEALTH_REFRESH = 1.0
+#: Seconds in-flight RPCs get at stop before they are cancelled.
+STOP_GRACE = 2.0
+#: A unix socket path longer than this does not fit in sockaddr_un.
+MAX_UNIX_PATH = 107
+#: Linux SO_PEERGROUPS (4.13+): supplementary groups of the peer at connect time.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+#: Most supplementary groups we read of a peer (NGROUPS_MAX is 65536; 64 is plenty).
+MAX_PEER_GROUPS = 64
+INTERNAL_DIR_PREFIX = ".svcd-internal-"
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+    ("grpc.max_send_message_length", MAX_SEND_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class ControlSocketError(Exception):
+    """The control socket cannot be set up (lock held, unsafe directory, bind failed)."""
+
+
+def _peer_credentials(sock: Any) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def _peer_groups(sock: Any) -> set[int]:
+    """Supplementary groups of the peer (empty where the kernel cannot tell)."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
+    except OSError:
+        return set()
+    count = len(raw) // 4
+    return set(struct.unpack(f"{count}I", raw[: 4 * count]))
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a splice: what it reads it writes to its peer, with backpressure.
+
+    The side that reads pauses when the side that writes has a full buffer
+    (pause_writing/resume_writing of the writer's transport), so memory per
+    connection stays bounded by the transports' high-water marks.
+    """
+
+    def __init__(self, pipes: set[_Pipe], peer: _Pipe | None = None) -> None:
+        self._pipes = pipes
+        self.transport: asyncio.Transport | None = None
+        self.peer = peer
+        self.got_eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._pipes.add(self)
+        if self.peer is not None:  # the upstream side: link both ways, let the client talk
+            self.peer.peer = self
+            if self.peer.transport is not None and not self.peer.transport.is_closing():
+                self.peer.transport.resume_reading()
+            else:
+                transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.got_eof = True
+        peer = self.peer
+        if peer is None or peer.transport is None or peer.got_eof:
+            self.close()
+            return False
+        if peer.transport.can_write_eof():
+            peer.transport.write_eof()
+        return True  # half-closed: the other direction may still carry data
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pipes.discard(self)
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()  # flushes what is buffered, then closes
+
+    def close(self) -> None:
+        for side in (self, self.peer):
+            if side is not None and side.transport is not None:
+                side.transport.close()
+
+
+class _Front(_Pipe):
+    """An accepted client connection on the public socket: check, then connect upstream."""
+
+    def __init__(self, server: ControlServer) -> None:
+        super().__init__(server._pipes)
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transport.pause_reading()  # nothing flows until upstream is connected
+        self._server._route(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._server._fronts.discard(self)
+
+
+async def _deny(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "permission denied: this user may not use the svcd control socket",
+    )
+
+
+if TYPE_CHECKING:
+    _GenericHandler = grpc.GenericRpcHandler[Any, Any]
+else:  # generic only in the type stubs
+    _GenericHandler = grpc.GenericRpcHandler
+
+
+class _DenyEverything(_GenericHandler):
+    """Every method answers PERMISSION_DENIED, at once (stream-stream: no need to wait
+    for the request to finish)."""
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        return grpc.stream_stream_rpc_method_handler(_deny)
+
+
+class ControlServer:
+    """The agent's control endpoints. `await start()`, then `await stop()` (or `async with`).
+
+    Raises ControlSocketError from start() when another agent holds the socket's lock,
+    the socket directory is unsafe, or a listener cannot be bound.
+    """
+
+    def __init__(
+        self,
+        core: AgentCore,
+        socket_path: str | os.PathLike[str],
+        *,
+        mode: int = 0o600,
+        allow_uids: Collection[int] = (),
+        allow_gids: Collection[int] = (),
+        socket_group: int | None = None,
+        probe_address: str | None = None,
+        tcp_address: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.core = core
+        self.socket_path = Path(os.path.abspath(socket_path))
+        self.mode = mode
+        self.allow_uids = frozenset({0, os.geteuid(), *allow_uids})
+        self.allow_gids = frozenset(allow_gids)
+        self.socket_group = socket_group
+        self.probe_address = probe_address
+        self.tcp_address = tcp_address
+        self._tls = (tls_cert, tls_key, tls_ca)
+        if tcp_address is not None and not all(self._tls):
+            raise ControlSocketError("a TCP control listener needs tls_cert, tls_key and tls_ca")
+        self.max_connections = max_connections
+        #: bound ports (useful when the address asked for port 0)
+        self.probe_port: int | None = None
+        self.tcp_port: int | None = None
+        self.health = health_aio.HealthServicer()
+        self._health_state: dict[str, bool] = {}
+        self._lock_fd: int | None = None
+        self._private_dir: Path | None = None
+        self._front: asyncio.AbstractServer | None = None
+        self._servers: list[grpc.aio.Server] = []
+        self._pipes: set[_Pipe] = set()
+        self._fronts: set[_Front] = set()  # accepted client connections still open
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._socket_ino: int | None = None
+        self.refused = 0  # connections refused by the peer check (for tests/metrics)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> ControlServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Lock, bind everything, start serving. On failure nothing is left behind."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> None:
+        directory = self.socket_path.parent
+        self._prepare_directory(directory)
+        self._take_lock()
+        self._remove_stale_internal_dirs(directory)
+        self._private_dir = self._make_private_dir(directory)
+        agent_sock = self._private_dir / "agent.sock"
+        denied_sock = self._private_dir / "denied.sock"
+
+        servicer = AgentServicer(self.core)
+        main = self._new_server()
+        servicer.add_to_server(main)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
+        reflection.enable_server_reflection(
+            (AGENT_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), main
+        )
+        self._bind(main, f"unix:{agent_sock}")
+        if self.tcp_address is not None:
+            self.tcp_port = self._bind_tls(main, self.tcp_address)
+
+        denied = self._new_server()
+        denied.add_generic_rpc_handlers((_DenyEverything(),))
+        self._bind(denied, f"unix:{denied_sock}")
+
+        if self.probe_address is not None:
+            probe = self._new_server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, probe)
+            self.probe_port = self._bind(probe, self.probe_address)
+
+        await self._refresh_health()
+        for server in self._servers:
+            await server.start()
+        self._agent_sock = str(agent_sock)
+        self._denied_sock = str(denied_sock)
+        self._front = await self._listen_public()
+        self._spawn(self._run_health())
+        log.info("control socket %s ready", self.socket_path)
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop accepting, end in-flight RPCs (after `grace` s), remove the socket, unlock."""
+        if self._front is not None:
+            self._front.close()
+        self._unlink_socket()
+        with contextlib.suppress(Exception):
+            await self.health.enter_graceful_shutdown()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        servers, self._servers = self._servers, []
+        await asyncio.gather(*(s.stop(grace) for s in servers), return_exceptions=True)
+        for pipe in list(self._pipes):
+            pipe.close()
+        if self._front is not None:
+            with contextlib.suppress(Exception):
+                await self._front.wait_closed()
+            self._front = None
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock; the file stays (no unlink race)
+            self._lock_fd = None
+
+    # ------------------------------------------------------------ set-up steps
+
+    def _prepare_directory(self, directory: Path) -> None:
+        if not directory.exists():
+            # search (x) bits for the classes the socket's mode lets in, nothing more
+            dir_mode = 0o700
+            if self.mode & 0o060:
+                dir_mode |= 0o010
+            if self.mode & 0o006:
+                dir_mode |= 0o001
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                directory.mkdir(mode=dir_mode)
+                os.chmod(directory, dir_mode)  # mkdir's mode is cut by the umask
+        st = os.stat(directory)
+        if not stat.S_ISDIR(st.st_mode):
+            raise ControlSocketError(f"{directory} (control socket directory) is not a directory")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise ControlSocketError(
+                f"{directory} (control socket directory) belongs to uid {st.st_uid}, not to "
+                f"this user ({os.geteuid()}) or root: refusing to use it"
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ControlSocketError(
+                f"{directory} (control socket directory) is writable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}): refusing to use it"
+            )
+        if len(str(self.socket_path)) > MAX_UNIX_PATH:
+            raise ControlSocketError(
+                f"control socket path {self.socket_path} is longer than {MAX_UNIX_PATH} bytes"
+            )
+
+    def _take_lock(self) -> None:
+        lock_path = f"{self.socket_path}.lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ControlSocketError(f"cannot open lock file {lock_path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise ControlSocketError(
+                    f"another svcd is running with control socket {self.socket_path} "
+                    f"(pid {holder})"
+                ) from None
+            raise ControlSocketError(f"cannot lock {lock_path}: {exc.strerror}") from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _remove_stale_internal_dirs(self, directory: Path) -> None:
+        """Private dirs left by an agent that was killed (we hold the lock: none is live)."""
+        for stale in directory.glob(f"{INTERNAL_DIR_PREFIX}*"):
+            if stale.is_dir() and not stale.is_symlink() and stale.stat().st_uid == os.geteuid():
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def _make_private_dir(self, directory: Path) -> Path:
+        # next to the socket when the paths fit, else in $TMPDIR; mkdtemp makes it 0700
+        longest = len(str(directory)) + len(INTERNAL_DIR_PREFIX) + 8 + len("/denied.sock") + 1
+        where = directory if longest <= MAX_UNIX_PATH else None
+        return Path(tempfile.mkdtemp(prefix=INTERNAL_DIR_PREFIX, dir=where))
+
+    def _new_server(self) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            options=_SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS
+        )
+        self._servers.append(server)
+        return server
+
+    def _bind(self, server: grpc.aio.Server, address: str) -> int:
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ControlSocketError(f"cannot listen on {address}: {exc}") from exc
+        if port == 0 and not address.startswith("unix:"):
+            raise ControlSocketError(f"cannot listen on {address}")
+        return port
+
+    def _bind_tls(self, server: grpc.aio.Server, address: str) -> int:
+        cert, key, ca = (Path(p).read_bytes() for p in self._tls if p is not None)
+        credentials = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=ca, require_client_auth=True
+        )
+        try:
+            port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise ControlSocketError(f"cannot listen on {address}: {exc}") from exc
+        if port == 0:
+            raise ControlSocketError(f"cannot listen on {address}")
+        return port
+
+    async def _listen_public(self) -> asyncio.AbstractServer:
+        """Bind under a temporary name, set the mode (and group), rename into place."""
+        assert self._private_dir is not None
+        temporary = self.socket_path.with_name(f"{INTERNAL_DIR_PREFIX}{os.getpid()}.sock")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            sock.bind(str(temporary))
+            os.chmod(temporary, self.mode)
+            if self.socket_group is not None:
+                os.chown(temporary, -1, self.socket_group)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+            # atomic: a stale socket file (we hold the lock) is replaced, never half-seen
+            os.rename(temporary, self.socket_path)
+            self._socket_ino = os.stat(self.socket_path).st_ino
+            loop = asyncio.get_running_loop()
+            return await loop.create_unix_server(lambda: _Front(self), sock=sock)
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise ControlSocketError(f"cannot listen on {self.socket_path}: {exc}") from exc
+
+    def _unlink_socket(self) -> None:
+        """Remove the socket file, but only if it is still ours."""
+        if self._socket_ino is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(self.socket_path).st_ino == self._socket_ino:
+                os.unlink(self.socket_path)
+        self._socket_ino = None
+
+    # ------------------------------------------------------------ the accept step
+
+    def allowed(self, uid: int, gid: int, groups: Collection[int] = ()) -> bool:
+        """May a caller with these credentials use the control API?"""
+        if uid in self.allow_uids:
+            return True
+        return gid in self.allow_gids or bool(self.allow_gids & set(groups))
+
+    def _route(self, front: _Front) -> None:
+        assert front.transport is not None
+        transport = front.transport
+        if len(self._fronts) >= self.max_connections:
+            log.warning("control socket: %d connections open, refusing more", len(self._fronts))
+            transport.close()
+            return
+        sock = transport.get_extra_info("socket")
+        try:
+            pid, uid, gid = _peer_credentials(sock)
+            groups = _peer_groups(sock) if self.allow_gids else set()
+        except OSError as exc:
+            log.warning("control socket: cannot read peer credentials: %s", exc)
+            transport.close()
+            return
+        if self.allowed(uid, gid, groups):
+            target = self._agent_sock
+        else:
+            self.refused += 1
+            log.warning("control socket: refused pid %d uid %d gid %d", pid, uid, gid)
+            target = self._denied_sock
+        self._fronts.add(front)
+        self._spawn(self._connect_upstream(front, target))
+
+    async def _connect_upstream(self, front: _Front, target: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_unix_connection(lambda: _Pipe(self._pipes, peer=front), target)
+        except OSError as exc:
+            log.warning("control socket: cannot reach the internal server: %s", exc)
+            front.close()
+
+    # ------------------------------------------------------------ health
+
+    async def _refresh_health(self) -> None:
+        try:
+            targets = self.core.health_targets()
+        except Exception:
+            log.exception("health targets failed")
+            targets = {"": True, "liveness": True, "readiness": False}
+        for name, serving in targets.items():
+            if self._health_state.get(name) != serving:
+                self._health_state[name] = serving
+                await self.health.set(name, _SERVING if serving else _NOT_SERVING)
+        for gone in set(self._health_state) - set(targets):
+            del self._health_state[gone]
+            await self.health.set(gone, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+
+    async def _run_health(self) -> None:
+        """Recompute health on every event and at least every HEALTH_REFRESH seconds."""
+        subscription = self.core.events_subscribe(replay=False)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(HEALTH_REFRESH):
+                        await subscription.get()
+                await self._refresh_health()
+        finally:
+            subscription.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
