@@ -507,8 +507,12 @@ class _Table:
 
     def finish(self) -> None:
         for name in self.data:
-            if name not in self.seen:
-                self.problems.add(self.file, self.key(name), "unknown key" + _hint(name, self.seen))
+            if name in self.seen:
+                continue
+            hint = _hint(name, self.seen)
+            if name == "include" and self.prefix:
+                hint = " (a top-level include must come before the first [table])"
+            self.problems.add(self.file, self.key(name), "unknown key" + hint)
 
     def sub(self, name: str) -> _Table | None:
         """A nested table, or None when absent (or not a table: reported)."""
