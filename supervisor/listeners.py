@@ -112,10 +112,9 @@ def _bind_unix(spec: ListenSpec) -> socket.socket:
             raise _fail(spec, exc) from exc
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        # Linux takes a unix socket file's mode from the socket inode at bind time, so
-        # there is no window with the umask's mode (and no process-wide umask change).
-        os.fchmod(sock.fileno(), UNIX_SOCKET_MODE)
         sock.bind(path)
+        # widen the umask's mode before listen(): nobody can connect before that anyway
+        os.chmod(path, UNIX_SOCKET_MODE)
         sock.listen(spec.backlog)
     except OSError as exc:
         sock.close()

@@ -174,10 +174,12 @@ class NotifyEndpoint:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            # Linux gives a unix socket file the socket inode's mode at bind: no window
-            # during which anybody else could send.
+            # Linux creates a unix socket file with the socket inode's mode minus the
+            # umask: no window during which anybody else could send. chmod then sets
+            # the exact mode whatever the umask took away.
             os.fchmod(sock.fileno(), SOCKET_MODE)
             sock.bind(self.path)
+            os.chmod(self.path, SOCKET_MODE)
             if uid is not None and uid != os.geteuid():
                 os.chown(self.path, uid, -1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
