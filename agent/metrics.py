@@ -303,8 +303,12 @@ class MetricsCollector:
 
 
 def required_ready(svc: ServiceStatus) -> int:
-    """Ready workers the service needs (0 in a status means "not filled in": all desired)."""
-    return svc.required_ready if svc.required_ready > 0 else svc.desired
+    """Ready workers the service needs: min_ready, but at least one when any is desired.
+
+    The same rule as the agent's `"<service>"` gRPC health answer (AgentCore.service_ready),
+    so that `svcd_service_ready` and the probe never disagree.
+    """
+    return max(svc.required_ready, 1 if svc.desired else 0)
 
 
 def current_workers(workers: Iterable[WorkerStatus]) -> list[WorkerStatus]:

@@ -479,3 +479,15 @@ def test_dashboard_queries_parse_as_promql(tmp_path: Path) -> None:
         text=True, timeout=60,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_service_ready_follows_min_ready() -> None:
+    two = [worker(0), worker(1, ready=False)]
+    for min_ready, ready in ((1, 1), (2, 0), (0, 1)):
+        statuses = [service("api", two, required_ready=min_ready)]
+        _, s = scrape(MetricsCollector(statuses.copy))
+        assert value(s, "svcd_service_ready", service="api") == ready, min_ready
+        assert value(s, "svcd_service_required_ready_workers", service="api") == max(min_ready, 1)
+    none_ready = [service("api", [worker(0, ready=False)], required_ready=0)]
+    _, s = scrape(MetricsCollector(lambda: none_ready))
+    assert value(s, "svcd_service_ready", service="api") == 0  # min_ready 0 still needs one
