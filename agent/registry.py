@@ -170,6 +170,30 @@ def parse_endpoint(url: str) -> tuple[str, int, bool]:
         raise ValueError(f"bad etcd endpoint {url!r}: the port is not a number") from None
 
 
+#: gRPC channel options added to etcd3aio's own. gRPC shares subchannels (connections)
+#: between channels to the same address by default, with their reconnect backoff (up to
+#: 120 s): a new client right after an etcd restart would then fail at once with the old
+#: "connection refused". A private pool per client, and a short backoff cap, make a
+#: reconnect a real, prompt connection attempt.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
+def _tune_channel(client: etcd3aio.Etcd3Client) -> None:
+    # etcd3aio 0.3 takes no channel options; its ConnectionManager keeps them in a list
+    # that connect() reads (checked by tests/test_registry.py::test_channel_options_apply)
+    manager = getattr(client, "_manager", None)
+    options = getattr(manager, "grpc_options", None)
+    if isinstance(options, list):
+        options.extend(CHANNEL_OPTIONS)
+    else:
+        log.warning("etcd3aio changed: cannot set gRPC channel options; reconnects may lag")
+
+
 def _read_file(path: str | Path | None) -> bytes | None:
     return None if path is None else Path(path).read_bytes()
 
@@ -259,6 +283,7 @@ class EtcdClient:
             cert_key=_read_file(self._key) if tls_on else None,
             cert_chain=_read_file(self._cert) if tls_on else None,
         )
+        _tune_channel(client)
         self._client = client
         await client.connect()
         if self._username:

@@ -6,7 +6,13 @@ import asyncio
 
 import pytest
 
-from agent.registry import MAX_TXN_OPS, desired_keys, service_addr
+from agent.registry import (
+    CHANNEL_OPTIONS,
+    MAX_TXN_OPS,
+    EtcdClient,
+    desired_keys,
+    service_addr,
+)
 from supervisor.events import EventBus
 from tests.etcd_fixture import EtcdServer
 from tests.registry_helpers import (
@@ -239,3 +245,15 @@ async def test_wait_synced_without_changes_is_immediate(etcd: EtcdServer) -> Non
         reg.publish([])
         assert await reg.wait_synced(10)
         assert await asyncio.wait_for(reg.wait_synced(10), 1)
+
+
+async def test_channel_options_apply() -> None:
+    """Contract with etcd3aio 0.3: our channel options reach the channel it builds."""
+    client = EtcdClient(["http://127.0.0.1:1"], timeout=0.5)
+    try:
+        await client.connect()
+        options = dict(client._c._manager.grpc_options)
+        for name, value in CHANNEL_OPTIONS:
+            assert options[name] == value
+    finally:
+        await client.close()
