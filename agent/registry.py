@@ -425,7 +425,8 @@ class EtcdClient:
     async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchBatch]:
         """Changes under `prefix` from `start_revision` on.
 
-        The stream reconnects by itself after transient errors. It yields a batch with
+        The stream reconnects by itself after transient errors (raises EtcdUnavailable
+        on others). It yields a batch with
         `restart=True` (and stops) when the caller must re-read and watch again: etcd
         cancelled the watch (compaction), or the revision went backwards (a new cluster
         behind the same address: the data was wiped).
@@ -448,6 +449,8 @@ class EtcdClient:
                     events.append(("delete" if ev.type == 1 else "put", item))
                 last = max(last, revision)
                 yield WatchBatch(revision, tuple(events))
+        except grpc.aio.AioRpcError as exc:  # not transient (those are retried inside)
+            raise EtcdUnavailable(f"watch {prefix}: {exc.code().name} {exc.details()}") from None
         finally:
             await cast(AsyncGenerator[Any, None], stream).aclose()  # cancels the stream
 
