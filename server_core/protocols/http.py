@@ -1,0 +1,458 @@
+"""HTTP/1.1 connections over httptools: keep-alive, pipelining, bodies, upgrades, limits.
+
+The hot path is `data_received -> httptools -> on_url/on_header/on_headers_complete/
+on_message_complete -> handler -> one write`: no task, no await and one response
+formatting per request (a handler returning the same `str`/`bytes` object as the
+previous one within the same second reuses its rendered bytes). Responses produced
+while one chunk of input is parsed are batched into one write.
+
+States of a connection: IDLE (waiting for a request; keep-alive timeout), HEAD (reading
+a request head; header timeout and header-size limit), BODY (reading a body; body-size
+limit), BUSY (a request is being handled or awaits `conn.send`), LINGER (we sent our
+last response and half-closed; input is discarded until the peer closes or the linger
+timeout ends, so a late request never turns into a reset that eats our response).
+
+Invariants:
+- Responses go out in request order: while a request is unanswered, later pipelined
+  requests queue (bounded; reading pauses beyond it) and are handled one at a time.
+- Malformed input gets 400, a too-large head 431, a too-large body 413, a slow head
+  408; each closes only that connection.
+- While the worker drains, every response says `Connection: close` and the connection
+  closes after it; idle connections are closed by the server after a short grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+from typing import TYPE_CHECKING, Any
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from server_core.connection import NOT_SENT, SENT, Connection, Sent
+from server_core.eager import continue_in_task
+from server_core.protocols import websocket
+from server_core.protocols.http_message import (
+    KEEP_CLOSE,
+    KEEP_EXPLICIT,
+    KEEP_IMPLICIT,
+    Request,
+    Response,
+    error_response,
+    render_result,
+    render_simple,
+)
+
+if TYPE_CHECKING:
+    from server_core.server import Server
+
+IDLE, HEAD, BODY, BUSY, LINGER = range(5)
+
+CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# How long a half-closed connection waits for the peer to close (seconds).
+LINGER_TIMEOUT = 2
+# Requests queued behind an unanswered one before reading pauses.
+MAX_PIPELINED = 32
+# Header names we look at while parsing, by length (a cheap pre-filter).
+_WATCHED_LENGTHS = frozenset((6, 7, 10, 14))
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to stop parsing with an HTTP error status."""
+
+
+class HttpConnection(Connection):
+    """An HTTP/1.1 connection; for `ws://` workers, the phase before the upgrade."""
+
+    __slots__ = (
+        "_backlog_bytes",
+        "_body",
+        "_connection_header",
+        "_expect_continue",
+        "_head_bytes",
+        "_headers",
+        "_out",
+        "_parser",
+        "_pending",
+        "_queue",
+        "_reading_paused",
+        "_reject_status",
+        "_since",
+        "_state",
+        "_upgrade",
+        "_url",
+        "_ws_request",
+    )
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(server)
+        self._parser = HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: bytes | bytearray = b""
+        self._state = IDLE
+        self._since = server.tick
+        self._pending: Request | None = None
+        self._queue: collections.deque[Request] | None = None
+        self._out: list[bytes] | None = None
+        self._upgrade: bytes | None = None
+        self._connection_header: bytes | None = None
+        self._expect_continue = False
+        self._head_bytes = 0
+        self._backlog_bytes = 0
+        self._reject_status = 0
+        self._reading_paused = False
+        self._ws_request: Request | None = None
+
+    def _handshake_first(self) -> bool:
+        return self.server.websocket
+
+    # ----- input ------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.server.stats.bytes_in += len(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        if self._closing:
+            return  # lingering: the peer's late bytes are read and dropped
+        state = self._state
+        if state == IDLE:
+            self._state = HEAD
+            self._since = self.server.tick
+            self._head_bytes = 0
+        out: list[bytes] = []  # responses made while parsing this chunk
+        self._out = out
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            self._out = None
+            self._flush(out)
+            self._upgraded(data[exc.args[0] :])
+            return
+        except HttpParserError:
+            self._out = None
+            self._flush(out)
+            self._fail(self._reject_status or 400)
+            return
+        self._out = None
+        if out:
+            self._flush(out)
+        if self._closing:
+            self._linger()
+            return
+        state = self._state
+        if state == HEAD:
+            # No request completed in this chunk, so all of it belongs to this head.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.server.max_header_bytes:
+                self._fail(431)
+        elif self._pending is not None:
+            # Bytes for later requests pile up while this one is handled: bound them.
+            self._backlog_bytes += len(data)
+            if (
+                self._backlog_bytes > self.server.max_header_bytes + self.server.max_body_bytes
+                and not self._reading_paused
+            ):
+                self._reading_paused = True
+                self.transport.pause_reading()
+
+    def _flush(self, out: list[bytes]) -> None:
+        if out:
+            self._write(out[0] if len(out) == 1 else b"".join(out))
+
+    # httptools callbacks (looked up once, when the parser is created)
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        if len(name) in _WATCHED_LENGTHS:
+            self._watched_header(name.lower(), value)
+
+    def _watched_header(self, name: bytes, value: bytes) -> None:
+        if name == b"content-length":
+            try:
+                too_large = int(value) > self.server.max_body_bytes
+            except ValueError:
+                return  # the parser rejects it with 400
+            if too_large:
+                self._reject_status = 413
+                raise _Reject
+        elif name == b"connection":
+            self._connection_header = value
+        elif name == b"upgrade":
+            self._upgrade = value
+        elif name == b"expect":
+            self._expect_continue = value.lower() == b"100-continue"
+
+    def on_headers_complete(self) -> None:
+        self._state = BODY
+        if self._expect_continue:
+            self._expect_continue = False
+            self._emit(CONTINUE_RESPONSE)
+
+    def on_body(self, body: bytes) -> None:
+        current = self._body
+        if not current:
+            self._body = current = body
+        else:
+            if type(current) is bytes:
+                self._body = current = bytearray(current)
+            current += body
+        if len(current) > self.server.max_body_bytes:
+            self._reject_status = 413
+            raise _Reject
+
+    def on_message_complete(self) -> None:
+        if self._closing:
+            return
+        parser = self._parser
+        body = self._body
+        keep_alive = KEEP_CLOSE
+        if parser.should_keep_alive():
+            keep_alive = KEEP_IMPLICIT
+            connection = self._connection_header
+            if connection is not None and b"keep-alive" in connection.lower():
+                keep_alive = KEEP_EXPLICIT
+        request = Request(
+            parser.get_method(),
+            self._url,
+            self._headers,
+            body if type(body) is bytes else bytes(body),
+            keep_alive,
+        )
+        self._url = b""
+        self._headers = []
+        self._body = b""
+        self._connection_header = None
+        self._state = BUSY
+        if self._upgrade is not None:
+            upgrade = self._upgrade
+            self._upgrade = None
+            if self.server.websocket and b"websocket" in upgrade.lower():
+                self._ws_request = request  # handled when the parser stops (HttpParserUpgrade)
+                return
+        self.server.stats.requests += 1
+        if self._pending is not None:
+            queue = self._queue
+            if queue is None:
+                queue = self._queue = collections.deque()
+            queue.append(request)
+            if len(queue) >= MAX_PIPELINED and not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pause_reading()
+            return
+        self._handle(request)
+
+    def eof_received(self) -> bool | None:
+        if self._state == LINGER or self._pending is None:
+            return False  # close our side too
+        # Half-closed by the peer while a request is handled: answer, then close.
+        self._pending.keep_alive = KEEP_CLOSE
+        if self._queue:
+            for request in self._queue:
+                request.keep_alive = KEEP_CLOSE
+        return True
+
+    # ----- handling ---------------------------------------------------------------
+    def _handle(self, request: Request) -> None:
+        self._pending = request
+        server = self.server
+        handler = server.http_handler
+        if handler is None:
+            self._respond(request, server.no_handler_response)
+            return
+        try:
+            if server.http_is_async:
+                coro = handler(self, request)
+                try:
+                    yielded = coro.send(None)
+                except StopIteration as stop:
+                    result = stop.value
+                else:
+                    task = continue_in_task(coro, yielded)
+                    server.track(task)
+                    task.add_done_callback(functools.partial(self._handler_done, request))
+                    return
+            else:
+                result = handler(self, request)
+        except Exception as exc:
+            self._handler_failed(request, exc)
+            return
+        if result is not None and self._pending is request:
+            self._respond(request, result)
+
+    def _handler_done(self, request: Request, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._handler_failed(request, exc)
+        else:
+            result = task.result()
+            if result is not None and self._pending is request:
+                self._respond(request, result)
+        self._advance()
+
+    def _handler_failed(self, request: Request, exc: BaseException) -> None:
+        self.server.report_error(self, exc)
+        if self._pending is request and not self._closed:
+            self._pending = None
+            self._emit(error_response(500, self.server.date_line, self._keep(request)))
+            self._after_response(request)
+
+    def _advance(self) -> None:
+        """Handle queued requests until one has to wait."""
+        queue = self._queue
+        while queue and self._pending is None and not self._closing and not self._closed:
+            self._handle(queue.popleft())
+        if self._pending is None and not queue:
+            self._backlog_bytes = 0
+            if self._reading_paused and not self._closing and not self._closed:
+                self._reading_paused = False
+                self.transport.resume_reading()
+
+    def _keep(self, request: Request) -> int:
+        return KEEP_CLOSE if self.server.draining else request.keep_alive
+
+    def _respond(self, request: Request, result: Any) -> None:
+        self._pending = None
+        server = self.server
+        keep_alive = KEEP_CLOSE if server.draining else request.keep_alive
+        head_only = request._method == b"HEAD"
+        if result is server.cached_result and keep_alive == KEEP_IMPLICIT and not head_only:
+            data = server.cached_response
+        elif type(result) is str:
+            data = render_simple(server.text_head, result.encode(), keep_alive, head_only)
+            if keep_alive == KEEP_IMPLICIT and not head_only:
+                server.cached_result = result
+                server.cached_response = data
+        else:
+            try:
+                data = render_result(result, server.date_line, server.heads, keep_alive, head_only)
+            except (TypeError, ValueError) as exc:
+                server.report_error(self, exc)
+                data = error_response(500, server.date_line, keep_alive)
+        self._emit(data)
+        self._after_response(request, keep_alive)
+
+    def _after_response(self, request: Request, keep_alive: int | None = None) -> None:
+        if keep_alive is None:
+            keep_alive = self._keep(request)
+        if keep_alive == KEEP_CLOSE:
+            self._closing = True
+            if self._out is None:  # else _feed lingers after flushing the batch
+                self._linger()
+            return
+        self._state = IDLE
+        self._since = self.server.tick
+        if self._close_when_idle and not self._queue:
+            self.close()
+
+    def _emit(self, data: bytes) -> None:
+        out = self._out
+        if out is not None:
+            out.append(data)
+        else:
+            self._write(data)
+
+    # ----- errors, upgrade, close -------------------------------------------------
+    def _fail(self, status: int) -> None:
+        """The input is unusable: answer `status` and close (after any pending answer)."""
+        if self._closing or self._closed:
+            return
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        if self._pending is not None:
+            # Answer in order: the pending request gets its response, then we close.
+            self._pending.keep_alive = KEEP_CLOSE
+            self._queue = None
+            return
+        self._closing = True
+        self._write(error_response(status, self.server.date_line))
+        self._linger()
+
+    def _upgraded(self, rest: bytes) -> None:
+        request = self._ws_request
+        self._ws_request = None
+        if request is None:
+            # An Upgrade we do not speak (h2c, or websocket on an http:// worker): the
+            # request was answered as plain HTTP; keep parsing with a fresh parser.
+            self._parser = HttpRequestParser(self)
+            if rest and not self._closing:
+                self._feed(rest)
+            elif self._closing:
+                self._linger()
+            return
+        if self._pending is not None or self._closing:
+            self._fail(400)  # an upgrade behind unanswered pipelined requests
+            return
+        websocket.accept(self, request, rest)
+
+    def _detach(self) -> None:
+        """The transport now belongs to another protocol object (after an upgrade)."""
+        self._closed = True
+
+    def _linger(self) -> None:
+        if self._state == LINGER or self._closed:
+            return
+        self._state = LINGER
+        self._since = self.server.tick
+        transport = self.transport
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()  # we must see the peer's EOF
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+
+    def _start_close(self) -> None:
+        if self._out is None:
+            self._linger()
+
+    def _idle(self) -> bool:
+        return self._state == IDLE and self._pending is None
+
+    def _close_idle_for_drain(self) -> None:
+        if self._idle():
+            self.close()
+        else:
+            self._close_when_idle = True
+
+    def _tick(self, tick: int) -> None:
+        state = self._state
+        if state == IDLE:
+            if tick - self._since >= self.server.keepalive_timeout:
+                self.close()
+        elif state == HEAD:
+            if tick - self._since >= self.server.header_timeout:
+                self._fail(408)
+        elif state == LINGER and tick - self._since >= LINGER_TIMEOUT:
+            self._abort()
+
+    # ----- public API ---------------------------------------------------------------
+    def send(self, data: Any) -> Sent:
+        """Answer the oldest unanswered request with `data` (str, bytes, dict, Response)."""
+        request = self._pending
+        if request is None or self._closing or self._closed:
+            self.server.stats.send_fail += 1
+            return NOT_SENT
+        self._respond(request, data)
+        self._advance()
+        return Sent(True, self) if self._write_paused else SENT
+
+    def close(self, data: Any = None) -> None:
+        """Answer the pending request with `data` (if given) and close the connection."""
+        if data is not None and self._pending is not None:
+            self._pending.keep_alive = KEEP_CLOSE
+            self.send(data)
+            return
+        if not (self._closing or self._closed):
+            self._closing = True
+            self._start_close()
+
+
+__all__ = ["HttpConnection", "Request", "Response"]

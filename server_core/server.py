@@ -1,0 +1,268 @@
+"""The running state of one worker process: listeners, connections, clock, drain.
+
+A `Server` exists while `Worker.serve()` runs. Connections keep a reference to it and
+read what they need on the hot path as plain attributes: the callbacks (with their
+sync/async nature detected once), the limits, the cached `Date` line and response
+heads, the `draining` flag. Once a second `_on_tick` refreshes the Date, advances the
+coarse clock (`tick`, whole seconds) that connection timeouts compare against, lets
+every connection check its timeouts and runs the stats hook.
+
+Drain (on SIGTERM): close our copy of every listening socket at once (never
+`shutdown()` it: other processes share it), let each connection finish in its
+protocol's way, close idle ones after `drain_grace`, and abort whatever is left at the
+drain timeout.
+
+Invariants: `stats.connections` counts every open connection; `connections` holds
+exactly the ones the application has met (on_connect ran, on_close will run once);
+`handshaking` holds the rest (a ws:// worker's HTTP phase). Errors in user callbacks go
+to `on_error` (or the log), never into the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from email.utils import formatdate
+from typing import TYPE_CHECKING, Any
+
+from server_core.connection import Connection
+from server_core.eager import continue_in_task
+from server_core.protocols import CONNECTION_CLASSES
+from server_core.protocols.http_message import (
+    BYTES_TYPE,
+    JSON_TYPE,
+    TEXT_TYPE,
+    Response,
+    simple_head,
+)
+
+if TYPE_CHECKING:
+    from server_core.worker import Worker
+
+log = logging.getLogger("server_core")
+
+TICK_INTERVAL = 1.0
+
+
+def is_async(callback: Callable[..., Any] | None) -> bool:
+    """Whether calling `callback` returns a coroutine (decided once, at registration)."""
+    if callback is None:
+        return False
+    if inspect.iscoroutinefunction(callback):
+        return True
+    call = getattr(callback, "__call__", None)  # noqa: B004 - async __call__ objects
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+class Server:
+    """Listeners and connections of a worker while it serves."""
+
+    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+        self.worker = worker
+        self.loop = loop
+        self.stats = worker.stats
+        scheme = worker.address.scheme
+        self.websocket = scheme == "ws"
+        self.connection_class = CONNECTION_CLASSES[scheme]
+        callbacks = worker.callbacks
+        self.on_connect = callbacks.get("on_connect")
+        self.on_close = callbacks.get("on_close")
+        self.on_error = callbacks.get("on_error")
+        self.on_buffer_full = callbacks.get("on_buffer_full")
+        self.on_buffer_drain = callbacks.get("on_buffer_drain")
+        self.on_message = callbacks.get("on_message")
+        self.message_is_async = is_async(self.on_message)
+        self.http_handler = callbacks.get("on_http") if self.websocket else self.on_message
+        self.http_is_async = is_async(self.http_handler)
+        self.no_handler_response: Any = (
+            Response("426 Upgrade Required\n", 426, {"Upgrade": "websocket"})
+            if self.websocket
+            else Response("404 Not Found\n", 404)
+        )
+        self.max_header_bytes = worker.max_header_bytes
+        self.max_body_bytes = worker.max_body_bytes
+        self.max_package_size = worker.max_package_size
+        self.max_send_buffer = worker.max_send_buffer
+        self.header_timeout = worker.header_timeout
+        self.keepalive_timeout = worker.keepalive_timeout
+        self.connections: set[Connection] = set()
+        self.handshaking: set[Connection] = set()
+        self.draining = False
+        self.tick = 0
+        self.on_tick: Callable[[], None] | None = None
+        self.date_line = b""
+        self.text_head = b""
+        self.heads: tuple[bytes, bytes, bytes] = (b"", b"", b"")
+        self.cached_result: object = None
+        self.cached_response = b""
+        self._refresh_date()
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._emptied: asyncio.Event | None = None
+        self._ticker: asyncio.TimerHandle | None = None
+
+    # ----- lifecycle --------------------------------------------------------------
+    async def listen(self, sockets: Iterable[socket.socket], backlog: int) -> None:
+        factory = functools.partial(self.connection_class, self)
+        for sock in sockets:
+            listener = await self.loop.create_server(factory, sock=sock, backlog=backlog)
+            self._listeners.append(listener)
+
+    def start(self) -> None:
+        self._ticker = self.loop.call_later(TICK_INTERVAL, self._on_tick)
+
+    def stop_listening(self) -> None:
+        """Stop accepting: close our copy of each listening socket (no shutdown())."""
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
+
+    async def drain(self, limit: float, grace: float) -> None:
+        """Finish the open connections gracefully; abort what is left after `limit` s."""
+        self.draining = True
+        self.stop_listening()
+        for conn in self._open():
+            conn._drain_started()
+        grace_handle = self.loop.call_later(grace, self._close_idle)
+        try:
+            if self.connections or self.handshaking:
+                self._emptied = asyncio.Event()
+                try:
+                    async with asyncio.timeout(limit):
+                        await self._emptied.wait()
+                except TimeoutError:
+                    log.warning(
+                        "drain timeout (%.1fs): aborting %d connection(s)",
+                        limit,
+                        len(self.connections) + len(self.handshaking),
+                    )
+        finally:
+            grace_handle.cancel()
+        await self.abort_all()
+
+    async def abort_all(self) -> None:
+        for conn in self._open():
+            conn._abort()
+        # connection_lost (and so on_close) runs from the loop's next iterations
+        for _ in range(3):
+            if not (self.connections or self.handshaking):
+                break
+            await asyncio.sleep(0)
+
+    def close(self) -> None:
+        self.stop_listening()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        for task in list(self._tasks):
+            task.cancel()
+
+    # ----- connections ------------------------------------------------------------
+    def connection_opened(self, conn: Connection) -> None:
+        self.stats.connections += 1
+        if conn._handshake_first():
+            self.handshaking.add(conn)
+        else:
+            self._meet(conn)
+
+    def connection_upgraded(self, old: Connection, new: Connection) -> None:
+        self.handshaking.discard(old)
+        self._meet(new)
+        if self.draining:
+            new._drain_started()
+
+    def _meet(self, conn: Connection) -> None:
+        conn._visible = True
+        self.connections.add(conn)
+        if self.on_connect is not None:
+            self.call(conn, self.on_connect, conn)
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.stats.connections -= 1
+        if conn._visible:
+            self.connections.discard(conn)
+            if self.on_close is not None:
+                self.call(conn, self.on_close, conn)
+        else:
+            self.handshaking.discard(conn)
+        if self._emptied is not None and not self.connections and not self.handshaking:
+            self._emptied.set()
+
+    def _open(self) -> list[Connection]:
+        return [*self.connections, *self.handshaking]
+
+    def _close_idle(self) -> None:
+        for conn in self._open():
+            conn._close_idle_for_drain()
+
+    # ----- callbacks --------------------------------------------------------------
+    def call(self, conn: Connection | None, callback: Callable[..., Any], *args: Any) -> None:
+        """Run a sync or async callback now; errors go to `report_error`."""
+        try:
+            result = callback(*args)
+            if inspect.iscoroutine(result):
+                try:
+                    yielded = result.send(None)
+                except StopIteration:
+                    return
+                task = continue_in_task(result, yielded)
+                self.track(task)
+                task.add_done_callback(functools.partial(self._callback_done, conn))
+        except Exception as exc:
+            self.report_error(conn, exc)
+
+    def _callback_done(self, conn: Connection | None, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            assert exc is not None
+            self.report_error(conn, exc)
+
+    def report_error(self, conn: Connection | None, exc: BaseException) -> None:
+        """Tell `on_error(conn, exc)`, or log when there is none (or it fails too)."""
+        handler = self.on_error
+        if handler is not None and conn is not None:
+            try:
+                result = handler(conn, exc)
+                if inspect.iscoroutine(result):
+                    self.track(asyncio.ensure_future(result))
+                return
+            except Exception:
+                log.exception("on_error failed")
+        log.error("error on %r: %r", conn, exc, exc_info=exc)
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        """Keep a reference to a handler task until it ends (cancelled at close)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----- clock ------------------------------------------------------------------
+    def _refresh_date(self) -> None:
+        self.date_line = b"Date: " + formatdate(usegmt=True).encode() + b"\r\n"
+        self.heads = (
+            simple_head(self.date_line, TEXT_TYPE),
+            simple_head(self.date_line, BYTES_TYPE),
+            simple_head(self.date_line, JSON_TYPE),
+        )
+        self.text_head = self.heads[0]
+        self.cached_result = None
+        self.cached_response = b""
+
+    def _on_tick(self) -> None:
+        self._ticker = self.loop.call_later(TICK_INTERVAL, self._on_tick)
+        self.tick += 1
+        self._refresh_date()
+        tick = self.tick
+        for conn in self._open():
+            try:
+                conn._tick(tick)
+            except Exception:
+                log.exception("timeout check failed on %r", conn)
+        if self.on_tick is not None:
+            try:
+                self.on_tick()
+            except Exception:
+                log.exception("tick hook failed")
