@@ -156,10 +156,9 @@ class Service:
         generation keeps serving) or when `stop()` interrupted it. Cancelling the
         caller does not cancel the reload (a half-rolled service helps nobody).
         """
-        target = spec if spec is not None else self.spec
-        if target.name != self.name:
-            raise ValueError(f"spec of {target.name!r} given to service {self.name!r}")
-        task = asyncio.create_task(self._reload(target, progress), name=f"reload {self.name}")
+        if spec is not None and spec.name != self.name:
+            raise ValueError(f"spec of {spec.name!r} given to service {self.name!r}")
+        task = asyncio.create_task(self._reload(spec, progress), name=f"reload {self.name}")
         self._reload_task = task  # before any await: stop() must find it
         await asyncio.shield(task)
 
@@ -319,11 +318,14 @@ class Service:
 
     # ----------------------------------------------------------------- reload
 
-    async def _reload(self, target: ServiceSpec, progress: Progress | None) -> None:
+    async def _reload(self, spec: ServiceSpec | None, progress: Progress | None) -> None:
         say = progress or (lambda _line: None)
         events = self._deps.events
         try:
             async with self._lock:
+                # the spec of now, not of when the reload was asked for (a scale may
+                # have run in between)
+                target = spec if spec is not None else self.spec
                 if not self._desired:
                     # stopped (or being stopped): adopt the spec, start nothing
                     self._adopt(target)

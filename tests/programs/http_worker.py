@@ -25,11 +25,13 @@ import time
 
 SD_LISTEN_FDS_START = 3
 STATS_INTERVAL = 0.2
+DRAIN_TIMEOUT = 10.0
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--exit-code", type=int, default=None, help="exit with this code at once")
+    p.add_argument("--fail-worker", type=int, default=None, help="exit 1 if SVCD_WORKER is N")
     p.add_argument("--crash-after", type=float, default=None, help="exit 1 after N seconds")
     p.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM")
     p.add_argument("--never-ready", action="store_true", help="never send READY=1")
@@ -68,13 +70,9 @@ class Worker:
         self.args = args
         self.connections = 0
         self.requests = 0
-        self.in_flight: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.in_flight.add(task)
         self.connections += 1
         try:
             request_line = await reader.readline()
@@ -105,7 +103,6 @@ class Worker:
         finally:
             self.connections -= 1
             writer.close()
-            self.in_flight.discard(task)
 
     def health_failing(self) -> bool:
         return bool(self.args.health_fail_file) and os.path.exists(self.args.health_fail_file)
@@ -146,8 +143,15 @@ class Worker:
         notify("STOPPING=1")
         for server in servers:
             server.close()  # stop accepting; the socket lives on in the agent and peers
-        if self.in_flight:
-            await asyncio.wait(list(self.in_flight), timeout=10)
+        # finish everything in flight, including connections accepted a moment ago
+        # whose handler has not started yet (they are tasks too)
+        me = asyncio.current_task()
+        deadline = loop.time() + DRAIN_TIMEOUT
+        while loop.time() < deadline:
+            others = [t for t in asyncio.all_tasks() if t is not me and t is not reporter]
+            if not others:
+                break
+            await asyncio.wait(others, timeout=deadline - loop.time())
         reporter.cancel()
         return 0
 
@@ -165,6 +169,9 @@ def fork_child() -> None:
 
 def main() -> int:
     args = parse_args()
+    if args.fail_worker is not None and os.environ.get("SVCD_WORKER") == str(args.fail_worker):
+        print(f"worker {args.fail_worker} fails on purpose", file=sys.stderr, flush=True)
+        return 1
     if args.exit_code is not None:
         print(f"exiting with {args.exit_code}", file=sys.stderr, flush=True)
         return int(args.exit_code)
