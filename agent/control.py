@@ -79,6 +79,8 @@ SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 #: Most supplementary groups we read of a peer (NGROUPS_MAX is 65536; 64 is plenty).
 MAX_PEER_GROUPS = 64
 INTERNAL_DIR_PREFIX = ".svcd-internal-"
+#: Bytes a client may send before its splice is connected (an HTTP/2 preface is ~100).
+MAX_EARLY_BYTES = 256 * 1024
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -125,25 +127,45 @@ class _Pipe(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = peer
         self.got_eof = False
+        # bytes read before the peer is connected: uvloop may deliver the first read
+        # even though reading was paused in connection_made
+        self._early: list[bytes] = []
+        self._early_size = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._pipes.add(self)
         if self.peer is not None:  # the upstream side: link both ways, let the client talk
-            self.peer.peer = self
-            if self.peer.transport is not None and not self.peer.transport.is_closing():
-                self.peer.transport.resume_reading()
-            else:
+            front = self.peer
+            front.peer = self
+            if front.transport is None or front.transport.is_closing():
                 transport.close()
+                return
+            upstream: asyncio.Transport = transport  # type: ignore[assignment]
+            for chunk in front._early:
+                upstream.write(chunk)
+            front._early.clear()
+            if front.got_eof and upstream.can_write_eof():
+                upstream.write_eof()
+            front.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.write(data)
+            return
+        self._early_size += len(data)
+        if self._early_size > MAX_EARLY_BYTES:
+            log.warning("control socket: client sent too much before the splice was ready")
+            self.close()
+            return
+        self._early.append(data)
 
     def eof_received(self) -> bool:
         self.got_eof = True
         peer = self.peer
-        if peer is None or peer.transport is None or peer.got_eof:
+        if peer is None or peer.transport is None:
+            return True  # not linked yet: the link passes the EOF on
+        if peer.got_eof:
             self.close()
             return False
         if peer.transport.can_write_eof():
