@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -91,6 +92,8 @@ DEFAULT_ETCD_PORT = 2379
 _PRIMARY_PROBE = ("10.255.255.255", 1)
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "", "*"})
 REGISTERED_STATES = frozenset({"starting", "running"})
+#: Encoded worker values kept (a few per worker: its current and recent states).
+VALUE_CACHE_SIZE = 8192
 
 RegistryState = Literal["connected", "disconnected", "disabled"]
 
@@ -532,25 +535,24 @@ def desired_keys(
     out: dict[str, bytes] = {}
     for svc in services:
         addr = service_addr(svc, host_address)
+        meta = _dumps(dict(svc.meta))
         usable = False
         for w in svc.workers:
             if w.state not in REGISTERED_STATES:
                 continue
             key = f"{prefix}/services/{svc.name}/{agent}/{w.index}-{w.generation}"
-            out[key] = _dumps(
-                {
-                    "service": svc.name,
-                    "agent": agent,
-                    "worker": w.worker,
-                    "addr": addr,
-                    "pid": w.pid,
-                    "state": w.state,
-                    "ready": w.ready,
-                    "health": w.health,
-                    "generation": w.generation,
-                    "started_at": w.started_at,
-                    "meta": dict(svc.meta),
-                }
+            out[key] = _worker_value(
+                svc.name,
+                agent,
+                w.worker,
+                addr,
+                w.pid,
+                w.state,
+                w.ready,
+                w.health,
+                w.generation,
+                w.started_at,
+                meta,
             )
             usable = usable or (w.ready and w.health != "failing")
         if grpc_naming_prefix and addr and usable:
@@ -559,6 +561,38 @@ def desired_keys(
                 {"Op": 0, "Addr": addr, "Metadata": dict(svc.meta)}
             )
     return out
+
+
+@functools.lru_cache(maxsize=VALUE_CACHE_SIZE)
+def _worker_value(
+    service: str,
+    agent: str,
+    worker: str,
+    addr: str,
+    pid: int,
+    state: str,
+    ready: bool,
+    health: str,
+    generation: int,
+    started_at: float,
+    meta: bytes,
+) -> bytes:
+    # memoized: every reconcile recomputes all keys, but few values change between two
+    return _dumps(
+        {
+            "service": service,
+            "agent": agent,
+            "worker": worker,
+            "addr": addr,
+            "pid": pid,
+            "state": state,
+            "ready": ready,
+            "health": health,
+            "generation": generation,
+            "started_at": started_at,
+            "meta": json.loads(meta),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- registry
