@@ -6,10 +6,12 @@ import asyncio
 
 import pytest
 
+from agent.config import RegistrySettings
 from agent.registry import (
     CHANNEL_OPTIONS,
     MAX_TXN_OPS,
     EtcdClient,
+    Registry,
     desired_keys,
     service_addr,
 )
@@ -257,3 +259,18 @@ async def test_channel_options_apply() -> None:
             assert options[name] == value
     finally:
         await client.close()
+
+
+async def test_accepts_config_registry_settings(etcd: EtcdServer) -> None:
+    """agent.config.RegistrySettings is what the daemon passes (mypy checks the fit too)."""
+    settings = RegistrySettings(endpoints=(etcd.endpoint,), ttl=5, timeout=2.0)
+    reg = Registry(settings, "web-1", "/run/svcd/svcd.sock", EventBus(), "0.1.0")
+    task = asyncio.create_task(reg.run())
+    try:
+        reg.publish([service("api", [worker("api", 0)])])
+        assert await reg.wait_synced(10)
+        async with reader(etcd.endpoint) as r:
+            assert "/svcd/services/api/web-1/0-1" in await r.keys("/svcd/")
+    finally:
+        await reg.close()
+        await asyncio.gather(task, return_exceptions=True)
