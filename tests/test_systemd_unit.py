@@ -149,6 +149,10 @@ def test_hardening_keeps_what_running_workers_as_other_users_needs(
     assert one(unit, "Service", "NoNewPrivileges") == "yes"
     assert one(unit, "Service", "ProtectSystem") == "strict"
     assert one(unit, "Service", "PrivateTmp") == "yes"
+    # Workers running as other users reach their notify sockets under the state dir
+    # (notify/, 0711): the state dir must let them pass (search), not list.
+    state_mode = int(one(unit, "Service", "StateDirectoryMode"), 8)
+    assert state_mode & 0o001 and not state_mode & 0o066, oct(state_mode)
     # Under ProtectSystem=strict the agent can write only where systemd says:
     for key in ("RuntimeDirectory", "StateDirectory", "LogsDirectory"):
         assert one(unit, "Service", key) == "svcd"
