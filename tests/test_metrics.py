@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
+import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,9 @@ from agent.metrics import (
     sanitize_name,
 )
 from supervisor.status import ServiceStatus, WorkerStatus
+from tests.agent_proc import AgentProcess, worker_command
+from tests.conftest import free_port
+from tests.waiting import wait_for_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -491,3 +498,115 @@ def test_service_ready_follows_min_ready() -> None:
     none_ready = [service("api", [worker(0, ready=False)], required_ready=0)]
     _, s = scrape(MetricsCollector(lambda: none_ready))
     assert value(s, "svcd_service_ready", service="api") == 0  # min_ready 0 still needs one
+
+
+# -- against a running agent ---------------------------------------------------------------
+
+#: A worker with no sockets that reports one user counter and one gauge over sd_notify.
+APP_WORKER = r'''
+import json, os, socket, time
+def notify(msg):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = os.environ["NOTIFY_SOCKET"]
+    s.sendto(msg.encode(), "\0" + path[1:] if path.startswith("@") else path)
+    s.close()
+notify("READY=1")
+jobs = 0
+while True:
+    jobs += 1
+    notify("X_SVCD_STATS=" + json.dumps({"metrics": [
+        {"name": "jobs.done", "type": "counter", "labels": {"queue": "q"}, "value": jobs},
+        {"name": "queue_depth", "type": "gauge", "labels": {}, "value": 3},
+    ]}))
+    time.sleep(0.1)
+'''
+
+
+def _scrape_url(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        assert resp.status == 200
+        return parse(resp.read().decode())
+
+
+@pytest.mark.slow
+def test_metrics_of_a_running_agent(tmp_path: Path) -> None:
+    metrics_port, web_port = free_port(), free_port()
+    app = tmp_path / "app_worker.py"
+    app.write_text(APP_WORKER)
+    services = f"""
+[services.web]
+command = {worker_command()}
+count = 2
+listen = ["tcp://127.0.0.1:{web_port}"]
+graceful_timeout = 5
+[services.web.health]
+kind = "http"
+path = "/healthz"
+interval = 0.5
+timeout = 0.4
+rise = 1
+start_period = 30
+
+[services.app]
+command = {json.dumps([sys.executable, str(app)])}
+"""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    extra = f'metrics_address = "127.0.0.1:{metrics_port}"'
+    with AgentProcess(tmp_path, services, extra_agent=extra) as agent:
+        web0 = {"service": "web", "worker": "web:0"}
+        s = _scrape_url(url)
+        for w in ("web:0", "web:1"):
+            assert value(s, "svcd_worker_up", service="web", worker=w) == 1
+            assert value(s, "svcd_worker_ready", service="web", worker=w) == 1
+            assert value(s, "svcd_worker_restarts_total", service="web", worker=w) == 0
+        for svc, n in (("web", 2), ("app", 1)):
+            assert value(s, "svcd_service_ready_workers", service=svc) == n
+            assert value(s, "svcd_service_desired_workers", service=svc) == n
+            assert value(s, "svcd_reloads_total", service=svc) == 0
+        assert value(s, "svcd_registry_connected") == 0
+        assert value(s, "svcd_agent_rss_bytes") > 0
+
+        wait_for_sync(
+            lambda: value(_scrape_url(url), "svcd_worker_healthy", **web0) == 1, 15, "healthy"
+        )
+        wait_for_sync(  # psutil samples once a second
+            lambda: value(_scrape_url(url), "svcd_worker_rss_bytes", **web0) > 0, 15, "rss"
+        )
+        app0 = {"service": "app", "worker": "app:0"}
+        wait_for_sync(
+            lambda: value(_scrape_url(url), "svcd_app_jobs_done_total", queue="q", **app0) > 0,
+            15, "the app's own counter",
+        )
+        assert value(_scrape_url(url), "svcd_app_queue_depth", **app0) == 3
+
+        for _ in range(5):
+            with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/", timeout=5) as resp:
+                resp.read()
+
+        def requests_total() -> float:
+            s = _scrape_url(url)
+            return sum(value(s, "svcd_worker_requests_total", service="web", worker=w)
+                       for w in ("web:0", "web:1"))
+
+        wait_for_sync(lambda: requests_total() >= 5, 15, "requests counted")
+
+        victim = next(
+            w["pid"] for svc in agent.status()["services"] if svc["name"] == "web"
+            for w in svc["workers"] if w["worker"] == "web:0"
+        )
+        os.kill(victim, signal.SIGKILL)
+        last: list[Samples] = []
+
+        def restarted() -> bool:
+            last[:] = [_scrape_url(url)]
+            return (value(last[0], "svcd_worker_restarts_total", **web0) == 1
+                    and value(last[0], "svcd_worker_up", **web0) == 1)
+
+        try:
+            wait_for_sync(restarted, 15, "restart counted")
+        except AssertionError:
+            print({k: v for k, v in last[0].items() if dict(k[1]).get("worker") == "web:0"})
+            print(agent.stderr())
+            raise
+        s = _scrape_url(url)
+        assert value(s, "svcd_worker_exits_total", exit="signal SIGKILL", **web0) == 1
