@@ -29,7 +29,6 @@ from agent.metrics import (
     sanitize_name,
 )
 from supervisor.status import ServiceStatus, WorkerStatus
-from tests.agent_proc import AgentProcess, worker_command
 from tests.conftest import free_port
 from tests.waiting import wait_for_sync
 
@@ -530,6 +529,8 @@ def _scrape_url(url: str) -> Samples:
 
 @pytest.mark.slow
 def test_metrics_of_a_running_agent(tmp_path: Path) -> None:
+    from tests.agent_proc import AgentProcess, worker_command  # only this test runs an agent
+
     metrics_port, web_port = free_port(), free_port()
     app = tmp_path / "app_worker.py"
     app.write_text(APP_WORKER)
