@@ -467,7 +467,7 @@ class Service:
         self._transit.update(news)
         for worker in news:
             worker.start()
-            say(f"{worker.name}: generation {generation} started (pid {worker.pid})")
+            say(f"{worker.name}: starting generation {generation}")
         try:
             await self._wait_all_ready(news, spec.ready_timeout)
         except WorkerFailed:

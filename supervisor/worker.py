@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import pwd
@@ -58,6 +59,8 @@ from supervisor.stats import TreeSampler, WorkerStats
 from supervisor.status import WorkerStatus
 
 log = logging.getLogger(__name__)
+
+_ENDPOINT_SERIAL = itertools.count(1)
 
 #: sysexits.h EX_CONFIG: the program says its configuration is broken; do not spin.
 EX_CONFIG = 78
@@ -436,7 +439,8 @@ class Worker:
         file_env = read_env_file(spec.env_file) if spec.env_file else {}
         endpoint = NotifyEndpoint(
             self._deps.notify_dir,
-            f"{spec.name}-{self.index}-{self.generation}-{self.restarts}",
+            # unique per process: an endpoint takes over a file of the same name
+            f"{spec.name}-{self.index}-{next(_ENDPOINT_SERIAL)}",
             self._on_notify,
             uid=_uid_of(spec.user),
         )

@@ -141,8 +141,16 @@ class Worker:
             notify("READY=1")
         await self.stopping.wait()
         notify("STOPPING=1")
+        # Stop accepting first, let connections accepted a moment ago attach to their
+        # server, and only then close it: on Python 3.11, Server.close() while an
+        # accepted connection's _accept_connection2 task has not run yet trips
+        # `assert self._sockets is not None` in Server._attach and drops (resets) it.
         for server in servers:
-            server.close()  # stop accepting; the socket lives on in the agent and peers
+            for sock in server.sockets:
+                loop.remove_reader(sock.fileno())
+        await asyncio.sleep(0)
+        for server in servers:
+            server.close()  # the socket lives on in the agent and in the other workers
         # finish everything in flight, including connections accepted a moment ago
         # whose handler has not started yet (they are tasks too)
         me = asyncio.current_task()
