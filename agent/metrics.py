@@ -20,7 +20,9 @@ dropped rather than making the whole scrape invalid.
 
 `MetricsServer` answers `GET /metrics` in the Prometheus text format from an asyncio
 server on the agent's loop (no threads); anything else is 404, requests are bounded in
-size and time, one request per connection.
+size and time, one request per connection. A scrape runs on the loop, so it is rendered
+by `render_text`, which writes exactly what `prometheus_client.generate_latest` would
+(a test compares them byte for byte) in about a third of the time.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any
 import psutil
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from agent import __version__
 from supervisor.states import ServiceState, WorkerState
@@ -406,6 +409,65 @@ def _parse_app_metric(entry: Any) -> tuple[str, str, dict[str, str], float] | No
     return APP_PREFIX + base, kind, labels, float(value)
 
 
+# -- the text format ------------------------------------------------------------------------
+
+_SIMPLE_TYPES = frozenset({"counter", "gauge"})
+#: Go's float formatting (+Inf, NaN, 1e+06), as the text format wants it.
+_go_float: Callable[[float], str] = floatToGoString
+
+
+def _escape_value(value: str) -> str:
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
+
+
+def render_text(families: Iterable[Metric]) -> bytes:
+    """The Prometheus text format (0.0.4) of `families`, byte for byte what
+    `prometheus_client.generate_latest` writes, at a fraction of its cost.
+
+    generate_latest validates and escapes every label *name* of every sample, which costs
+    most of a scrape with hundreds of workers; here names are valid by construction
+    (svcd's own, or sanitised app metrics), so only label values are escaped. Families
+    of other types, or samples with timestamps, go through generate_latest itself.
+    """
+    out: list[str] = []
+    for metric in families:
+        if not _simple(metric):
+            out.append(generate_latest(StaticCollector([metric])).decode("utf-8"))
+            continue
+        name = metric.name + "_total" if metric.type == "counter" else metric.name
+        doc = metric.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {metric.type}\n")
+        for sample in metric.samples:
+            if sample.labels:
+                labels = ",".join(
+                    f'{k}="{_escape_value(v)}"' for k, v in sorted(sample.labels.items())
+                )
+                out.append(f"{sample.name}{{{labels}}} {_go_float(sample.value)}\n")
+            else:
+                out.append(f"{sample.name} {_go_float(sample.value)}\n")
+    return "".join(out).encode("utf-8")
+
+
+def _simple(metric: Metric) -> bool:
+    """A counter or gauge with plain samples (no timestamps, no `_created` and the like)."""
+    if metric.type not in _SIMPLE_TYPES:
+        return False
+    names = (metric.name, metric.name + "_total")
+    return all(s.timestamp is None and s.name in names for s in metric.samples)
+
+
+class StaticCollector:
+    """A one-shot collector over given families (to hand them to generate_latest)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
 # -- /metrics over HTTP -------------------------------------------------------------------
 
 #: Request line plus headers; Prometheus sends a few hundred bytes.
@@ -484,7 +546,7 @@ class MetricsServer:
 
     def render(self) -> bytes:
         """The current exposition (what a scrape returns)."""
-        return generate_latest(self.registry)
+        return render_text(self.registry.collect())
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -18,13 +18,17 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.metrics import (
     METRIC_NAMES,
     MetricsCollector,
     MetricsServer,
+    StaticCollector,
     parse_address,
+    render_text,
     sanitize_label,
     sanitize_name,
 )
@@ -268,6 +272,25 @@ def test_sanitizers() -> None:
     assert parse_address("[::1]:80") == ("::1", 80)
     with pytest.raises(ValueError):
         parse_address("localhost")
+
+
+def test_fast_renderer_matches_generate_latest_byte_for_byte() -> None:
+    tricky = {"q": 'a"b\\c\nd', "unicode": "zürich ✓", "empty": ""}
+    statuses = [
+        service("api", [worker(0, metrics=[
+            {"name": "jobs", "type": "counter", "labels": tricky, "value": 1e21},
+            {"name": "temp", "type": "gauge", "labels": {}, "value": float("nan")},
+            {"name": "inf", "type": "gauge", "labels": {}, "value": float("inf")},
+        ])]),
+        service("we\"ird", [worker(0, worker='we"ird:0')]),
+    ]
+    families = list(MetricsCollector(lambda: statuses).collect())
+    histogram = HistogramMetricFamily("other_latency", "help\nwith \\", labels=["x"])
+    histogram.add_metric(["1"], buckets=[("1.0", 1), ("+Inf", 2)], sum_value=3.0)
+    created = CounterMetricFamily("other_ops", "ops", labels=["x"], created=1.5)
+    created.add_metric(["1"], 2.0, created=1.5)
+    families += [histogram, created]
+    assert render_text(families) == generate_latest(StaticCollector(families))
 
 
 def test_exposition_passes_promtool_lint() -> None:
