@@ -47,6 +47,12 @@ def parse_address(url: str) -> ListenAddress:
 def bind(address: ListenAddress, backlog: int) -> socket.socket:
     """A listening TCP socket for `address` (SO_REUSEADDR, not SO_REUSEPORT)."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    return socket.create_server(
-        (address.host, address.port), family=family, backlog=backlog, reuse_port=False
-    )
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -106,11 +106,22 @@ class Server:
         self._ticker: asyncio.TimerHandle | None = None
 
     # ----- lifecycle --------------------------------------------------------------
-    async def listen(self, sockets: Iterable[socket.socket], backlog: int) -> None:
+    async def listen(
+        self, sockets: Iterable[socket.socket], backlog: int
+    ) -> list[socket.socket]:
+        """Serve each listening socket (taking ownership); the sockets as now held."""
         factory = functools.partial(self.connection_class, self)
+        held = []
         for sock in sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == 0:
+                # asyncio sets TCP_NODELAY on accepted sockets only when the listening
+                # socket says IPPROTO_TCP (uvloop always does): without it keep-alive
+                # responses stall 40 ms on delayed ACKs.
+                sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, sock.detach())
             listener = await self.loop.create_server(factory, sock=sock, backlog=backlog)
             self._listeners.append(listener)
+            held.append(sock)
+        return held
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(TICK_INTERVAL, self._on_tick)

@@ -236,7 +236,7 @@ class Worker:
         server = self._server = Server(self, loop)
         watchdog_task: asyncio.Task[None] | None = None
         try:
-            await server.listen(self.sockets, self.backlog)
+            self.sockets = await server.listen(self.sockets, self.backlog)
             server.start()
             if notify.enabled:
 

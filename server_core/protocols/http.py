@@ -68,6 +68,7 @@ class HttpConnection(Connection):
     __slots__ = (
         "_backlog_bytes",
         "_body",
+        "_chunk_bytes",
         "_connection_header",
         "_expect_continue",
         "_head_bytes",
@@ -99,7 +100,8 @@ class HttpConnection(Connection):
         self._upgrade: bytes | None = None
         self._connection_header: bytes | None = None
         self._expect_continue = False
-        self._head_bytes = 0
+        self._head_bytes = 0  # URL and complete headers of the current request
+        self._chunk_bytes = 0  # whole chunks that ended inside the current head
         self._backlog_bytes = 0
         self._reject_status = 0
         self._reading_paused = False
@@ -120,7 +122,7 @@ class HttpConnection(Connection):
         if state == IDLE:
             self._state = HEAD
             self._since = self.server.tick
-            self._head_bytes = 0
+            self._chunk_bytes = 0
         out: list[bytes] = []  # responses made while parsing this chunk
         self._out = out
         try:
@@ -143,9 +145,10 @@ class HttpConnection(Connection):
             return
         state = self._state
         if state == HEAD:
-            # No request completed in this chunk, so all of it belongs to this head.
-            self._head_bytes += len(data)
-            if self._head_bytes > self.server.max_header_bytes:
+            # No request completed in this chunk, so all of it belongs to this head
+            # (this also catches one endless header line, which httptools buffers).
+            self._chunk_bytes += len(data)
+            if self._chunk_bytes > self.server.max_header_bytes:
                 self._fail(431)
         elif self._pending is not None:
             # Bytes for later requests pile up while this one is handled: bound them.
@@ -167,7 +170,9 @@ class HttpConnection(Connection):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        if len(name) in _WATCHED_LENGTHS:
+        size = len(name)
+        self._head_bytes += size + len(value)
+        if size in _WATCHED_LENGTHS:
             self._watched_header(name.lower(), value)
 
     def _watched_header(self, name: bytes, value: bytes) -> None:
@@ -188,6 +193,9 @@ class HttpConnection(Connection):
 
     def on_headers_complete(self) -> None:
         self._state = BODY
+        if self._head_bytes + len(self._url) > self.server.max_header_bytes:
+            self._reject_status = 431
+            raise _Reject
         if self._expect_continue:
             self._expect_continue = False
             self._emit(CONTINUE_RESPONSE)
@@ -226,6 +234,7 @@ class HttpConnection(Connection):
         self._headers = []
         self._body = b""
         self._connection_header = None
+        self._head_bytes = 0
         self._state = BUSY
         if self._upgrade is not None:
             upgrade = self._upgrade
