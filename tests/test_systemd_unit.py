@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import getpass
 import grp
+import json
 import os
+import pwd
+import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,3 +204,138 @@ def test_example_config_passes_check_config(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=ANALYZE_TIMEOUT, cwd=ROOT, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------- the agent inside the unit's privilege limits
+
+AGENT_TIMEOUT = 30.0
+HTTP_WORKER = ROOT / "tests" / "programs" / "http_worker.py"
+# Ports below this need CAP_NET_BIND_SERVICE.
+FIRST_UNPRIVILEGED_PORT = 1024
+PRIVILEGED_PORT_TRIES = 50
+# Between two `svctl status` polls while the agent starts (bounded by AGENT_TIMEOUT).
+STATUS_POLL = 0.1
+
+
+def free_privileged_port() -> int:
+    """A free port below 1024 on 127.0.0.1 (the test binds as root)."""
+    for _ in range(PRIVILEGED_PORT_TRIES):
+        port = random.randrange(600, FIRST_UNPRIVILEGED_PORT)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below 1024")
+
+
+def world_executable(path: str) -> bool:
+    """Whether any user can exec `path`: o+x on the file and every directory above it
+    (the venv's interpreter may live under root's 0700 home)."""
+    real = Path(os.path.realpath(path))
+    return all(os.stat(p).st_mode & 0o001 for p in (real, *real.parents))
+
+
+def python_for_other_users() -> str | None:
+    """A Python ≥ 3.11 that `nobody` can run (the test worker is stdlib-only)."""
+    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.exists(candidate) and world_executable(candidate):
+            return candidate
+    return None
+
+
+def setpriv_args(unit: dict[str, dict[str, list[str]]]) -> list[str]:
+    """setpriv flags giving a root process exactly the unit's capability bounding set and
+    NoNewPrivileges (what systemd applies before it execs ExecStart)."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None
+    caps = one(unit, "Service", "CapabilityBoundingSet").split()
+    wanted = ",".join("+" + c.removeprefix("CAP_").lower() for c in caps)
+    args = [setpriv, f"--bounding-set=-all,{wanted}", "--inh-caps=-all"]
+    if one(unit, "Service", "NoNewPrivileges") == "yes":
+        args.append("--no-new-privs")
+    return args
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
+def test_agent_runs_workers_as_another_user_within_the_units_capabilities(
+    unit: dict[str, dict[str, list[str]]],
+) -> None:
+    """The hardening still lets svcd do its job: with only the unit's capabilities and
+    no_new_privs, the agent binds a port below 1024, starts a worker as `nobody`, sees it
+    ready (notify socket reachable through the 0711 state dir), and drains it."""
+    python = python_for_other_users()
+    if python is None:
+        pytest.skip("no Python interpreter that other users can execute")
+    nobody = pwd.getpwnam("nobody")
+    # Not under pytest's 0700 tmp dir: the worker (nobody) must reach its notify socket.
+    base = Path(tempfile.mkdtemp(prefix="svcd-unit-test-"))
+    try:
+        base.chmod(0o711)
+        state = base / "state"
+        state.mkdir(mode=0o711)
+        state.chmod(int(one(unit, "Service", "StateDirectoryMode"), 8))
+        control = base / "run" / "svcd.sock"
+        config = base / "svcd.toml"
+        config.write_text(
+            f"""
+[agent]
+name = "unit-caps-test"
+control_socket = "{control}"
+log_dir = "{base / 'logs'}"
+state_dir = "{state}"
+
+[services.w]
+command = {json.dumps([python, str(HTTP_WORKER)])}
+user = "{nobody.pw_name}"
+group = "{grp.getgrgid(nobody.pw_gid).gr_name}"
+cwd = "/"
+listen = ["tcp://127.0.0.1:{free_privileged_port()}"]
+graceful_timeout = 5
+"""
+        )
+        stderr = base / "svcd.stderr"
+        with open(stderr, "wb") as err:
+            agent = subprocess.Popen(
+                [*setpriv_args(unit), sys.executable, "-m", "agent", "--config", str(config)],
+                stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
+            )
+        try:
+            status = wait_status_ready(agent, control, stderr)
+            worker = status["services"][0]["workers"][0]
+            assert psutil.Process(worker["pid"]).uids().real == nobody.pw_uid
+            agent.terminate()
+            assert agent.wait(timeout=AGENT_TIMEOUT) == 0, stderr.read_text(errors="replace")
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait(timeout=AGENT_TIMEOUT)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def wait_status_ready(
+    agent: subprocess.Popen[bytes], control: Path, stderr: Path
+) -> dict[str, Any]:
+    """`svctl status --json` once every service is ready; fails if the agent dies."""
+    deadline = time.monotonic() + AGENT_TIMEOUT
+    last = ""
+    while time.monotonic() < deadline:
+        if agent.poll() is not None:
+            raise AssertionError(f"svcd exited {agent.returncode}: {stderr.read_text()[-3000:]}")
+        result = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "--socket", str(control), "status", "--json"],
+            capture_output=True, text=True, timeout=AGENT_TIMEOUT, cwd=ROOT, check=False,
+        )
+        last = result.stdout + result.stderr
+        if result.returncode == 0:
+            status: dict[str, Any] = json.loads(result.stdout)
+            if all(s["ready"] >= s["desired"] > 0 for s in status["services"]):
+                return status
+        time.sleep(STATUS_POLL)
+    raise AssertionError(f"not ready within {AGENT_TIMEOUT}s: {last}; {stderr.read_text()[-3000:]}")
