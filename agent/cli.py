@@ -377,7 +377,46 @@ def cmd_probe(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_discover(connect: Callable[[], Client], args: argparse.Namespace) -> int:
-    raise CliError(EXIT_FAILED, "discover: not available yet")
+    """Endpoints from etcd: --etcd, else $SVCD_ETCD, else the agent's registry settings."""
+    import asyncio
+
+    from agent._pb import agent_pb2 as pb
+
+    urls = args.etcd or os.environ.get(ETCD_ENV, "")
+    settings: dict[str, Any] = {}
+    prefix = args.prefix
+    if urls:
+        endpoints = tuple(u.strip() for u in urls.split(",") if u.strip())
+    else:
+        info = connect().call("RegistryInfo", pb.RegistryInfoRequest(), pb.RegistryInfoResponse,
+                              query=True)
+        if not info.enabled:
+            raise CliError(
+                EXIT_USAGE,
+                f"the agent has no registry: pass --etcd URL[,URL...] or set ${ETCD_ENV}",
+            )
+        endpoints = tuple(info.endpoints)
+        prefix = prefix or info.prefix
+        settings = {
+            name: getattr(info, name) or None
+            for name in ("username", "password", "ca_cert", "cert", "key")
+        }
+    if not endpoints:
+        raise CliError(EXIT_USAGE, "no etcd endpoints given")
+    from agent.discovery import EtcdAccess, discover_main
+
+    access = EtcdAccess(endpoints, prefix=prefix or DEFAULT_PREFIX, **settings)
+
+    def write(text: str) -> None:
+        print(text, flush=True)
+
+    def error(text: str) -> None:
+        print(text, file=sys.stderr)
+
+    return asyncio.run(
+        discover_main(access, args.service, watch=args.watch, as_json=args.json,
+                      write=write, error=error)
+    )
 
 
 def _say(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:

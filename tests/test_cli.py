@@ -1,0 +1,395 @@
+"""svctl: parsing, exit codes, output formats, and what its hot path imports.
+
+Three rigs:
+- no agent at all: usage errors and "agent unreachable" (exit 3, one line);
+- an in-process agent (real AgentCore + Supervisor + workers + ControlServer) with
+  `agent.cli.run()` called in a thread (a child process would have its exit status
+  taken by the supervisor's waitpid(-1) reaper in this process);
+- a real `svcd` process and `svctl` processes (slow): the JSON contract, the import
+  budget of `status --json`, following streams and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent import cli
+from agent.control import ControlServer
+from agent.core import AgentCore
+from tests.agent_proc import ROOT, AgentProcess, worker_command
+from tests.conftest import free_port
+from tests.test_control import make_core, running
+from tests.waiting import wait_for_sync
+
+pytestmark = pytest.mark.timeout(120)
+
+TIMEOUT = 20.0
+#: Modules `svctl status --json` must not import (STYLE.md: svctl never imports
+#: supervisor/; rich only for tables; etcd only for discover).
+FORBIDDEN_ON_HOT_PATH = ("rich", "supervisor", "etcd3aio", "psutil", "agent.core", "agent.config")
+
+
+def svctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def test_parser_accepts_json_before_and_after_the_command() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["--json", "status"]).json is True
+    assert parser.parse_args(["status", "--json"]).json is True
+    assert parser.parse_args(["status"]).json is False
+    args = parser.parse_args(["reload", "api", "--dry-run", "--no-wait"])
+    assert (args.service, args.dry_run, args.no_wait, args.previous) == ("api", True, True, False)
+    args = parser.parse_args(["logs", "api", "-f", "-n", "5", "--worker", "1"])
+    assert (args.follow, args.lines, args.worker) == (True, 5, 1)
+    args = parser.parse_args(["discover", "api", "--etcd", "http://a:1,http://b:2", "--watch"])
+    assert args.etcd == "http://a:1,http://b:2" and args.watch
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["scale", "api"],
+        ["scale", "api", "-1"],
+        ["scale", "api", "many"],
+        ["probe", "dead"],
+        ["logs"],
+        ["start"],
+        ["status", "--interval", "0"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info, redirect_stderr(io.StringIO()):
+        cli.run(argv)
+    assert info.value.code == 2
+
+
+# ---------------------------------------------------------------- unreachable
+
+
+def test_missing_socket_is_exit_3_with_one_line(tmp_path: Path) -> None:
+    result = svctl("--socket", str(tmp_path / "nope.sock"), "status")
+    assert result.returncode == 3
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("svctl: no svcd control socket at ")
+
+
+def test_default_socket_comes_from_the_environment(tmp_path: Path) -> None:
+    env = {**os.environ, "SVCD_SOCKET": str(tmp_path / "env.sock")}
+    result = svctl("status", "--json", env=env)
+    assert result.returncode == 3
+    assert str(tmp_path / "env.sock") in result.stderr
+
+
+def test_dead_socket_is_exit_3(tmp_path: Path) -> None:
+    """A socket file nobody listens on (a SIGKILLed agent leaves one)."""
+    path = tmp_path / "dead.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+    result = svctl("--socket", str(path), "status")
+    assert result.returncode == 3, result
+    assert result.stderr.startswith("svctl: cannot reach svcd at unix:")
+    assert result.stderr.count("\n") == 1
+
+
+def test_not_a_socket_is_exit_3(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("")
+    result = svctl("--socket", str(path), "probe", "live")
+    assert result.returncode == 3 and "not a socket" in result.stderr
+
+
+def test_agent_that_never_answers_is_exit_3(tmp_path: Path) -> None:
+    """Connected but silent (a hung agent): the query deadline turns it into exit 3."""
+    path = tmp_path / "hung.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        s.listen(8)  # the kernel accepts; nobody ever answers
+        result = svctl("--socket", str(path), "--timeout", "1", "status", "--json")
+    assert result.returncode == 3, result
+    assert result.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- in-process agent
+
+
+@dataclass
+class Agent:
+    core: AgentCore
+    socket: Path
+    config: Path
+    port: int
+
+    async def run(self, *args: str) -> tuple[int, str, str]:
+        """`svctl --socket S ARGS` in a thread: (exit code, stdout, stderr)."""
+
+        def call() -> tuple[int, str, str]:
+            out, err = io.StringIO(), io.StringIO()
+            with redirect_stdout(out), redirect_stderr(err):
+                try:
+                    code = cli.run(["--socket", str(self.socket), *args])
+                except SystemExit as exc:
+                    code = int(exc.code or 0)
+            return code, out.getvalue(), err.getvalue()
+
+        return await asyncio.to_thread(call)
+
+    async def status(self) -> dict[str, Any]:
+        code, out, err = await self.run("status", "--json")
+        assert code == 0, err
+        return json.loads(out)  # type: ignore[no-any-return]
+
+
+def services_toml(port: int, args: tuple[str, ...] = ()) -> str:
+    return textwrap.dedent(
+        f"""
+        [services.api]
+        command = {worker_command(*args)}
+        count = 2
+        listen = ["tcp://127.0.0.1:{port}"]
+        graceful_timeout = 5
+        """
+    )
+
+
+@pytest.fixture
+async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
+    port = free_port()
+    core = make_core(tmp_path, services_toml(port))
+    await core.supervisor.start()
+    control = ControlServer(core, tmp_path / "run" / "svcd.sock")
+    try:
+        async with running(core):
+            await core.start_services()
+            assert await core.wait_ready(TIMEOUT)
+            await control.start()
+            yield Agent(core, control.socket_path, tmp_path / "svcd.toml", port)
+    finally:
+        await control.stop(grace=0)
+        await core.supervisor.close()
+        await core.supervisor.close_reaper()
+
+
+async def test_status_table(agent: Agent) -> None:
+    code, out, err = await agent.run("status")
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.split()[:2] == ["worker", "pid"])
+    for column in ("worker", "pid", "state", "health", "restarts", "uptime", "memory", "cpu",
+                   "conns", "requests", "qps", "send_fail", "timers"):
+        assert column in header, (column, header)
+    assert "svcd test-agent" in out
+    assert out.count("api:0") == 1 and out.count("api:1") == 1
+    assert "total" in out
+    # one service only; an unknown one is exit 2
+    code, out, _ = await agent.run("status", "api")
+    assert code == 0 and "api:0" in out
+    code, out, err = await agent.run("status", "nope")
+    assert code == 2 and out == "" and err == "svctl: no service named 'nope'\n"
+
+
+async def test_status_watch_json_prints_one_object_per_refresh(agent: Agent) -> None:
+    code, out, err = await agent.run("status", "--watch", "--json", "--count", "2",
+                                     "--interval", "0.1")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert all(json.loads(line)["agent"]["name"] == "test-agent" for line in lines)
+
+
+async def test_status_watch_table(agent: Agent) -> None:
+    code, out, err = await agent.run("status", "--watch", "--count", "2", "--interval", "0.1")
+    assert code == 0, err
+    assert "api:0" in out
+
+
+async def test_actions_and_their_exit_codes(agent: Agent) -> None:
+    assert await agent.run("stop", "api") == (0, "api: stopped\n", "")
+    assert (await agent.status())["services"][0]["state"] == "stopped"
+    assert (await agent.run("probe", "ready", "api"))[0] == 1
+    assert await agent.run("start", "api") == (0, "api: started\n", "")
+    code, out, _ = await agent.run("restart", "api", "--json")
+    assert code == 0 and json.loads(out) == {"ok": True, "message": "api: restarted"}
+    for command in ("start", "stop", "restart"):
+        code, out, err = await agent.run(command, "nope")
+        assert (code, out) == (2, ""), command
+        assert err == "svctl: no service named 'nope'\n"
+    assert (await agent.run("scale", "nope", "1"))[0] == 2
+    assert await agent.run("scale", "api", "1") == (0, "api: scaled to 1\n", "")
+    assert (await agent.status())["services"][0]["desired"] == 1
+
+
+async def test_probe_exit_codes(agent: Agent) -> None:
+    code, out, _ = await agent.run("probe", "live")
+    assert code == 0 and out.startswith("live: ok")
+    code, out, _ = await agent.run("probe", "ready", "--json")
+    assert code == 0 and json.loads(out)["ok"] is True
+    assert (await agent.run("probe", "ready", "nope"))[0] == 2
+
+
+async def test_reload_shows_progress_and_waits(agent: Agent) -> None:
+    before = {w["pid"] for w in (await agent.status())["services"][0]["workers"]}
+    code, out, err = await agent.run("reload", "api")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) >= 3 and lines[-1].startswith("api: reloaded")
+    after = {w["pid"] for w in (await agent.status())["services"][0]["workers"]}
+    assert len(after) == 2 and not before & after  # it waited: new workers serve
+
+
+async def test_reload_dry_run_prints_the_plan(agent: Agent) -> None:
+    agent.config.write_text(agent.config.read_text().replace("count = 2", "count = 3"))
+    code, out, err = await agent.run("reload", "--dry-run")
+    assert code == 0, err
+    assert any(line.startswith("~ api") for line in out.splitlines()), out
+    code, out, _ = await agent.run("reload", "--dry-run", "--json")
+    result = json.loads(out)
+    assert result["ok"] is True and result["plan"]
+    assert (await agent.status())["services"][0]["desired"] == 2
+
+
+async def test_reload_of_a_broken_config_is_exit_2_and_lists_problems(agent: Agent) -> None:
+    agent.config.write_text(agent.config.read_text().replace("count = 2", "count = 0") + "x = 1\n")
+    code, out, err = await agent.run("reload")
+    assert code == 2, (out, err)
+    assert err.startswith("svctl: config rejected:\n")
+    assert "services.api.count" in err and len(err.splitlines()) >= 3
+
+
+async def test_reload_rolled_back_is_exit_1(agent: Agent) -> None:
+    text = agent.config.read_text().split("[services.api]")[0]
+    agent.config.write_text(text + services_toml(agent.port, ("--exit-code", "1")))
+    code, out, err = await agent.run("reload")
+    assert code == 1, (out, err)
+    assert "api" in out.splitlines()[-1]
+    assert (await agent.status())["services"][0]["ready"] == 2
+
+
+async def test_reload_previous_without_history_is_exit_1(agent: Agent) -> None:
+    code, _, err = await agent.run("reload", "--previous")
+    assert code == 1 and "previous" in err
+
+
+async def test_logs_and_events(agent: Agent) -> None:
+    code, out, err = await agent.run("logs", "api", "-n", "5")
+    assert code == 0, err
+    assert all(line.startswith("api:") for line in out.splitlines())
+    code, out, _ = await agent.run("logs", "api", "-n", "5", "--json")
+    for line in out.splitlines():
+        assert set(json.loads(line)) >= {"time", "service", "worker", "pid", "stream", "line"}
+    assert (await agent.run("logs", "nope"))[0] == 2
+
+    code, out, err = await agent.run("events", "--json")
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events and all(
+        set(e) >= {"time", "type", "service", "worker", "pid"} for e in events
+    )
+    assert {"started", "ready"} <= {e["type"] for e in events}
+    code, out, _ = await agent.run("events", "-n", "1")
+    assert code == 0 and len(out.splitlines()) == 1
+
+
+async def test_discover_without_registry_is_a_usage_error(agent: Agent) -> None:
+    env_before = os.environ.pop("SVCD_ETCD", None)
+    try:
+        code, _, err = await agent.run("discover", "api")
+    finally:
+        if env_before is not None:
+            os.environ["SVCD_ETCD"] = env_before
+    assert code == 2 and "no registry" in err
+
+
+# ---------------------------------------------------------------- a real svcd (slow)
+
+
+@pytest.fixture
+def svcd(tmp_path: Path) -> Iterator[AgentProcess]:
+    with AgentProcess(tmp_path, services_toml(free_port())) as proc:
+        yield proc
+
+
+@pytest.mark.slow
+def test_status_json_hot_path_imports(svcd: AgentProcess) -> None:
+    """`svctl status --json` pays for grpc and the messages, not for rich or supervisor/."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from agent import cli
+        code = cli.run(["--socket", {svcd.socket!r}, "status", "--json"])
+        loaded = sorted(m for m in sys.modules
+                        if any(m == f or m.startswith(f + ".") for f in {FORBIDDEN_ON_HOT_PATH!r}))
+        print(json.dumps({{"code": code, "loaded": loaded}}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report == {"code": 0, "loaded": []}, result.stderr
+
+
+@pytest.mark.slow
+def test_status_json_contract_from_svctl(svcd: AgentProcess) -> None:
+    result = svcd.svctl("status", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1  # one object, one line
+    data = json.loads(result.stdout)
+    assert data["agent"]["pid"] == svcd.proc.pid  # type: ignore[union-attr]
+    (svc,) = data["services"]
+    assert svc["name"] == "api" and svc["ready"] == 2
+    assert {type(v) for v in (svc["desired"], svc["generation"])} == {int}
+    for w in svc["workers"]:
+        assert isinstance(w["rss_bytes"], float) and isinstance(w["requests"], int)
+        assert isinstance(w["ready"], bool)
+
+
+@pytest.mark.slow
+def test_follow_events_until_interrupted(svcd: AgentProcess) -> None:
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "--socket", svcd.socket, "events", "-f", "--json",
+         "-n", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    try:
+        stream = follower.stdout
+        assert stream is not None
+        json.loads(stream.readline())  # the replayed one
+        assert svcd.svctl("stop", "api").returncode == 0
+
+        def next_is_exited() -> bool:
+            return bool(json.loads(stream.readline())["type"] == "exited")
+
+        wait_for_sync(next_is_exited, TIMEOUT, "an exited event on the followed stream")
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(TIMEOUT) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(TIMEOUT)
