@@ -371,7 +371,8 @@ class AgentCore:
                     self._set_applied_service(new.services[name])
                 except Exception as exc:
                     failures.append(f"{name}: {exc}")
-            for name in [*the_plan.live, *the_plan.rollout]:
+            rollout = {p.name for p in the_plan.rollout}
+            for name in [p.name for p in (*the_plan.live, *the_plan.rollout)]:
                 say(f"~ {name}: applying")
                 try:
                     await self.supervisor.update_service(new.services[name])
@@ -382,7 +383,7 @@ class AgentCore:
                 except Exception as exc:
                     failures.append(f"{name}: {exc}")
                     continue
-                if name in the_plan.rollout:
+                if name in rollout:
                     self._reloads[name] = self._reloads.get(name, 0) + 1
                 self._set_applied_service(new.services[name])
             self._applied = dataclasses.replace(

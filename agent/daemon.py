@@ -48,14 +48,10 @@ def run(config_path: str) -> int:
             print(problem, file=sys.stderr)
         return 2
     setup_logging(config.agent.log_format)
+    # The stock asyncio loop, not uvloop: the supervisor's reaper owns SIGCHLD, which
+    # uvloop reserves for itself; the agent's loop is not on any request path.
     try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    try:
-        return int(runner(Daemon(config).run()))
+        return asyncio.run(Daemon(config).run())
     except KeyboardInterrupt:  # pragma: no cover - signals are handled in the loop
         return 130
 

@@ -12,6 +12,10 @@ T = TypeVar("T")
 POLL = 0.01
 
 
+class GiveUp(Exception):
+    """Raised by a predicate to stop waiting at once (the condition can never hold)."""
+
+
 async def wait_for(
     predicate: Callable[[], T | Awaitable[T]], timeout: float = 10.0, what: str = ""
 ) -> T:
@@ -30,6 +34,8 @@ async def wait_for(
                 value = await value
             if value:
                 return value  # type: ignore[return-value]
+        except GiveUp:
+            raise
         except Exception as exc:  # noqa: BLE001 - retried until the deadline
             last_error = exc
         if time.monotonic() >= deadline:
@@ -48,6 +54,8 @@ def wait_for_sync(predicate: Callable[[], T], timeout: float = 10.0, what: str =
             value = predicate()
             if value:
                 return value
+        except GiveUp:
+            raise
         except Exception as exc:  # noqa: BLE001
             last_error = exc
         if time.monotonic() >= deadline:

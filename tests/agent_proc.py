@@ -1,0 +1,124 @@
+"""Run a real `svcd` process and `svctl` commands against it, for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from tests.waiting import GiveUp, wait_for_sync
+
+ROOT = Path(__file__).resolve().parent.parent
+HTTP_WORKER = ROOT / "tests" / "programs" / "http_worker.py"
+
+
+def worker_command(*args: str) -> str:
+    """TOML array literal running the stdlib test worker with `args`."""
+    argv = [sys.executable, str(HTTP_WORKER), *args]
+    return json.dumps(argv)
+
+
+class AgentProcess:
+    """A `svcd --config` child with its own temp dirs and control socket."""
+
+    def __init__(self, tmp: Path, services_toml: str, extra_agent: str = "", registry: str = ""):
+        self.tmp = tmp
+        self.socket = str(tmp / "run" / "svcd.sock")
+        self.config = tmp / "svcd.toml"
+        self.config.write_text(
+            textwrap.dedent(
+                f"""
+                [agent]
+                name = "test-agent"
+                control_socket = "{self.socket}"
+                log_dir = "{tmp / 'logs'}"
+                state_dir = "{tmp / 'state'}"
+                {extra_agent}
+                """
+            )
+            + registry
+            + services_toml
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stderr_path = tmp / "svcd.stderr"
+
+    def start(self, wait_ready: bool = True) -> AgentProcess:
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--config", str(self.config)],
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            env=env,
+            cwd=ROOT,
+        )
+        wait_for_sync(lambda: os.path.exists(self.socket) or self._died(), 20, "control socket")
+        if wait_ready:
+            wait_for_sync(lambda: self.svctl("probe", "ready").returncode == 0, 30, "agent ready")
+        return self
+
+    def _died(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise GiveUp(f"svcd exited {self.proc.returncode}: {self.stderr()}")
+        return False
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def svctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent.cli", "--socket", self.socket, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+
+    def status(self) -> dict[str, Any]:
+        out = self.svctl("status", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    def worker_pids(self, service: str) -> list[int]:
+        for svc in self.status()["services"]:
+            if svc["name"] == service:
+                return [w["pid"] for w in svc["workers"] if w["pid"]]
+        raise KeyError(service)
+
+    def descendants(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(5)
+        self._stderr.close()
+        return code
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

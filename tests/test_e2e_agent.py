@@ -1,0 +1,189 @@
+"""End to end: a real svcd process, real workers, real svctl, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.agent_proc import ROOT, AgentProcess, worker_command
+from tests.conftest import free_port
+from tests.waiting import wait_for_sync
+
+pytestmark = pytest.mark.slow
+
+WORKER_FIELDS = {
+    "worker": str,
+    "index": int,
+    "pid": int,
+    "generation": int,
+    "state": str,
+    "ready": bool,
+    "health": str,
+    "restarts": int,
+    "uptime_s": (int, float),
+    "rss_bytes": (int, float),
+    "cpu_percent": (int, float),
+    "connections": int,
+    "requests": int,
+    "qps": (int, float),
+}
+
+
+def http_get(port: int, path: str = "/") -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        return resp.read().decode().strip()
+
+
+def services_toml(port: int, count: int = 2, args: tuple[str, ...] = ()) -> str:
+    return f"""
+[services.api]
+command = {worker_command(*args)}
+count = {count}
+listen = ["tcp://127.0.0.1:{port}"]
+graceful_timeout = 5
+"""
+
+
+def test_status_json_contract_and_crash_restart(tmp_path: Path) -> None:
+    port = free_port()
+    with AgentProcess(tmp_path, services_toml(port)) as agent:
+        status = agent.status()
+        assert set(status["agent"]) >= {"name", "version", "pid", "uptime_s", "registry"}
+        assert status["agent"]["name"] == "test-agent"
+        assert status["agent"]["registry"] == "disabled"
+        assert status["agent"]["pid"] == agent.proc.pid  # type: ignore[union-attr]
+        (svc,) = status["services"]
+        assert svc["name"] == "api" and svc["state"] == "running"
+        assert svc["desired"] == 2 and svc["ready"] == 2 and isinstance(svc["generation"], int)
+        assert [w["worker"] for w in svc["workers"]] == ["api:0", "api:1"]
+        for w in svc["workers"]:
+            for key, typ in WORKER_FIELDS.items():
+                assert isinstance(w[key], typ), (key, w[key])
+            assert w["state"] == "running" and w["ready"] is True
+            assert w["health"] in ("passing", "failing", "unknown")
+
+        served = {http_get(port) for _ in range(20)}
+        assert served <= {str(p) for p in agent.worker_pids("api")}
+
+        victim = agent.worker_pids("api")[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for_sync(
+            lambda: victim not in agent.worker_pids("api")
+            and len(agent.worker_pids("api")) == 2
+            and agent.status()["services"][0]["ready"] == 2,
+            15,
+            "replacement worker ready",
+        )
+        restarts = {w["worker"]: w["restarts"] for w in agent.status()["services"][0]["workers"]}
+        assert sum(restarts.values()) == 1
+        events = agent.svctl("events", "--json")
+        assert events.returncode == 0, events.stderr
+        kinds = [json.loads(line) for line in events.stdout.splitlines() if line.strip()]
+        assert any(e["type"] == "exited" and e["pid"] == victim for e in kinds)
+        for e in kinds:
+            assert {"time", "type", "service", "worker", "pid"} <= set(e)
+    assert agent.proc is not None and agent.proc.returncode == 0
+
+
+def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
+    port = free_port()
+    agent = AgentProcess(tmp_path, services_toml(port)).start()
+    pids = agent.worker_pids("api")
+    assert agent.stop(signal.SIGTERM) == 0
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_agent_sigkill_leaves_no_worker_behind(tmp_path: Path) -> None:
+    port = free_port()
+    agent = AgentProcess(tmp_path, services_toml(port)).start()
+    pids = agent.worker_pids("api")
+    assert len(pids) == 2
+    agent.stop(signal.SIGKILL)
+
+    def all_gone() -> bool:
+        return all(
+            not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+            for p in pids
+        )
+
+    wait_for_sync(all_gone, 10, "workers to die with the agent (PR_SET_PDEATHSIG)")
+
+
+def test_svctl_exit_codes(tmp_path: Path) -> None:
+    port = free_port()
+    with AgentProcess(tmp_path, services_toml(port, count=1)) as agent:
+        assert agent.svctl("status", "nope").returncode == 2
+        assert agent.svctl("stop", "nope").returncode == 2
+        assert agent.svctl("probe", "live").returncode == 0
+        assert agent.svctl("stop", "api").returncode == 0
+        assert agent.svctl("probe", "ready", "api").returncode == 1
+        stopped = agent.status()["services"][0]
+        assert stopped["state"] == "stopped"
+        assert agent.svctl("start", "api").returncode == 0
+        wait_for_sync(lambda: agent.svctl("probe", "ready", "api").returncode == 0, 15, "ready")
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--socket", str(tmp_path / "none.sock"), "status"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert unreachable.returncode == 3
+    assert unreachable.stderr.strip() and len(unreachable.stderr.strip().splitlines()) == 1
+
+
+def test_reload_rolls_and_broken_config_is_rejected(tmp_path: Path) -> None:
+    port = free_port()
+    with AgentProcess(tmp_path, services_toml(port)) as agent:
+        before = set(agent.worker_pids("api"))
+        out = agent.svctl("reload", "api")
+        assert out.returncode == 0, out.stdout + out.stderr
+        after = set(agent.worker_pids("api"))
+        assert len(after) == 2 and not (before & after)
+
+        good = agent.config.read_text()
+        agent.config.write_text(good.replace("count = 2", "count = 0\nbogus = 1"))
+        rejected = agent.svctl("reload")
+        assert rejected.returncode == 2
+        assert "count" in rejected.stderr + rejected.stdout
+        assert "bogus" in rejected.stderr + rejected.stdout
+        assert set(agent.worker_pids("api")) == after  # nothing changed
+
+        agent.config.write_text(good.replace("count = 2", "count = 3"))
+        dry = agent.svctl("reload", "--dry-run")
+        assert dry.returncode == 0 and "api" in dry.stdout
+        assert len(agent.worker_pids("api")) == 2
+        assert agent.svctl("reload").returncode == 0
+        wait_for_sync(lambda: len(agent.worker_pids("api")) == 3, 15, "scaled to 3 by reload")
+
+
+def test_check_config_exit_codes(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(
+        f'[services.api]\ncommand = ["true"]\nlisten = ["tcp://127.0.0.1:{free_port()}"]\n'
+    )
+    ok = subprocess.run(
+        [sys.executable, "-m", "agent", "check-config", str(good)],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[services.api]\ncommand = []\ncount = 0\nrestart = "sometimes"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "check-config", str(bad)],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )
+    assert out.returncode == 2
+    text = out.stdout + out.stderr
+    for key in ("services.api.command", "services.api.count", "services.api.restart"):
+        assert key in text, text
+    assert "bad.toml" in text
