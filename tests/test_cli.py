@@ -33,6 +33,7 @@ from agent.control import ControlServer
 from agent.core import AgentCore
 from tests.agent_proc import ROOT, AgentProcess, worker_command
 from tests.conftest import free_port
+from tests.etcd_fixture import EtcdServer
 from tests.test_control import make_core, running
 from tests.waiting import wait_for_sync
 
@@ -393,3 +394,31 @@ def test_follow_events_until_interrupted(svcd: AgentProcess) -> None:
         if follower.poll() is None:
             follower.kill()
             follower.wait(TIMEOUT)
+
+
+@pytest.mark.slow
+def test_discover_reads_etcd(tmp_path: Path, etcd: EtcdServer) -> None:
+    """Endpoints come from etcd: through the agent's RegistryInfo, or from --etcd."""
+    port = free_port()
+    registry = f'\n[registry]\nendpoints = ["{etcd.endpoint}"]\nprefix = "/svcd-cli"\nttl = 5\n'
+    agent_dir = tmp_path / "agent"
+    agent_dir.mkdir()
+    with AgentProcess(agent_dir, services_toml(port), registry=registry) as proc:
+        expected = {"addr": f"127.0.0.1:{port}", "agent": "test-agent", "workers": 2,
+                    "health": "unknown"}
+
+        def discovered(*extra: str) -> dict[str, Any] | None:
+            result = proc.svctl("discover", "api", "--json", *extra)
+            assert result.returncode == 0, result.stderr
+            data: dict[str, Any] = json.loads(result.stdout)
+            return data if data["endpoints"] and data["endpoints"][0]["workers"] == 2 else None
+
+        via_agent = wait_for_sync(discovered, TIMEOUT, "api's endpoint in etcd")
+        assert via_agent == {"service": "api", "endpoints": [expected]}
+        direct = discovered("--etcd", etcd.endpoint, "--prefix", "/svcd-cli")
+        assert direct == via_agent
+        table = proc.svctl("discover", "api")
+        assert table.returncode == 0 and f"127.0.0.1:{port}" in table.stdout
+        assert proc.svctl("discover", "nope", "--json").stdout.strip() == (
+            '{"service": "nope", "endpoints": []}'
+        )
