@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import re
 import resource
 from pathlib import Path
 from types import MappingProxyType
@@ -13,14 +15,16 @@ import pytest
 from agent import paths
 from agent.config import (
     MAX_FILE_BYTES,
+    AgentSettings,
     Config,
     ConfigError,
     ConfigProblem,
+    RegistrySettings,
     check_config_main,
     load_config,
     parse_config,
 )
-from supervisor.spec import ListenSpec, ServiceSpec
+from supervisor.spec import BackoffSpec, HealthSpec, ListenSpec, LogSpec, ServiceSpec
 
 MINIMAL = '[services.api]\ncommand = ["true"]\n'
 
@@ -820,3 +824,24 @@ def test_default_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert paths.default_log_dir() == str(tmp_path / ".local/state/svcd/logs")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "st"))
     assert paths.default_state_dir() == str(tmp_path / "st" / "svcd")
+
+
+# ---------------------------------------------------------------------------------------
+# examples
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name", ["full.toml", "minimal.toml"])
+def test_examples_are_valid(name: str) -> None:
+    out = io.StringIO()
+    assert check_config_main(str(EXAMPLES / name), out, io.StringIO()) == 0, out.getvalue()
+
+
+def test_full_example_documents_every_key() -> None:
+    """examples/full.toml names every setting (commented out where it needs real files)."""
+    text = (EXAMPLES / "full.toml").read_text()
+    specs = [ServiceSpec, HealthSpec, BackoffSpec, LogSpec, AgentSettings, RegistrySettings]
+    names = {f.name for spec in specs for f in dataclasses.fields(spec)} - {"name"}
+    missing = sorted(n for n in names if not re.search(rf"\b{n}\b", text))
+    assert missing == []
