@@ -59,6 +59,57 @@ def format_time(wall: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{ms:03d}Z"
 
 
+class LineSplitter:
+    """Cuts a byte stream into lines of at most `max_line` bytes (plus CUT_MARK).
+
+    A longer line keeps its first `max_line` bytes and ends with CUT_MARK; the rest of
+    it, up to the newline, is discarded as it arrives, so memory stays bounded even
+    when no newline ever comes. `cut` counts the lines cut.
+    """
+
+    def __init__(self, max_line: int) -> None:
+        self.max_line = max_line
+        self.cut = 0
+        self._partial = bytearray()
+        self._discarding = False  # inside the rest of a line that was cut
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines completed by `chunk` (without their newlines)."""
+        out: list[bytes] = []
+        max_line = self.max_line
+        parts = chunk.split(b"\n")
+        rest = parts.pop()
+        if parts:
+            if self._discarding:
+                self._discarding = False  # the newline that ends a cut line
+                del parts[0]
+            elif self._partial:
+                self._partial += parts[0]
+                parts[0] = bytes(self._partial)
+            self._partial.clear()
+            for line in parts:
+                if len(line) > max_line:
+                    self.cut += 1
+                    line = line[:max_line] + _CUT_MARK_B
+                out.append(line)
+        if rest and not self._discarding:
+            self._partial += rest
+            if len(self._partial) > max_line:
+                # no newline in sight: emit what fits now, drop the rest of this line
+                self.cut += 1
+                out.append(bytes(self._partial[:max_line]) + _CUT_MARK_B)
+                self._partial.clear()
+                self._discarding = True
+        return out
+
+    def finish(self) -> list[bytes]:
+        """At EOF: the last line if it had no newline."""
+        last = [] if self._discarding or not self._partial else [bytes(self._partial)]
+        self._partial.clear()
+        self._discarding = False
+        return last
+
+
 @dataclass
 class _Pipe:
     worker: int
@@ -68,16 +119,27 @@ class _Pipe:
     prefix: bytes  # b"api:0[1234] stdout: "
     loop: asyncio.AbstractEventLoop
     closed: asyncio.Future[None]
-    partial: bytearray = field(default_factory=bytearray)
-    discarding: bool = False  # inside the rest of a line that was cut
+    lines: LineSplitter
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: kept in a set
 class _Follower:
     worker: int | None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    lines: collections.deque[LogLine] = field(default_factory=collections.deque)
-    missed: int = 0
+    # lines, and ints where that many lines were lost (the queue was full)
+    queue: collections.deque[LogLine | int] = field(default_factory=collections.deque)
+
+    def offer(self, lines: list[LogLine]) -> None:
+        queue = self.queue
+        room = max(FOLLOW_QUEUE - len(queue), 0)
+        queue.extend(lines[:room])
+        lost = len(lines) - room
+        if lost > 0:
+            if queue and isinstance(queue[-1], int):
+                queue[-1] += lost
+            else:
+                queue.append(lost)
+        self.wakeup.set()
 
 
 class _LogFile:
@@ -165,8 +227,13 @@ class LogStore:
         self._followers: set[_Follower] = set()
         self._closed = False
         self.lines = 0  # lines captured
-        self.cut = 0  # lines cut at max_line
+        self._cut_closed = 0  # lines cut in pipes that are closed now
         self.dropped = 0  # lines that could not be written to the file
+
+    @property
+    def cut(self) -> int:
+        """Lines cut at max_line so far."""
+        return self._cut_closed + sum(p.lines.cut for p in self._pipes.values())
 
     # -- pipes ---------------------------------------------------------------------
 
@@ -178,7 +245,10 @@ class LogStore:
         loop = asyncio.get_running_loop()
         os.set_blocking(fd, False)
         prefix = f"{self.service}:{worker}[{pid}] {stream}: ".encode()
-        pipe = _Pipe(worker, pid, stream, fd, prefix, loop, loop.create_future())
+        pipe = _Pipe(
+            worker, pid, stream, fd, prefix, loop, loop.create_future(),
+            LineSplitter(self.spec.max_line),
+        )
         self._pipes[fd] = pipe
         loop.add_reader(fd, self._on_readable, pipe)
 
@@ -189,6 +259,9 @@ class LogStore:
             if pipe.worker == worker and (pid is None or pipe.pid == pid):
                 self._read(pipe)
                 if pipe.fd in self._pipes:
+                    last = pipe.lines.finish()
+                    if last:
+                        self._emit(pipe, last)
                     self._close_pipe(pipe)
 
     async def wait_eof(self, worker: int, pid: int | None = None, grace: float = 1.0) -> bool:
@@ -233,48 +306,18 @@ class LogStore:
             if not chunk:
                 eof = True
                 break
-            self._split(pipe, chunk, lines)
-        if eof and pipe.partial and not pipe.discarding:
-            lines.append(bytes(pipe.partial))  # a last line without newline
-            pipe.partial.clear()
+            lines += pipe.lines.feed(chunk)
+        if eof:
+            lines += pipe.lines.finish()
         if lines:
             self._emit(pipe, lines)
         if eof:
             self._close_pipe(pipe)
 
-    def _split(self, pipe: _Pipe, chunk: bytes, out: list[bytes]) -> None:
-        """Complete lines of `chunk` (plus pipe.partial) into `out`, each <= max_line."""
-        max_line = self.spec.max_line
-        parts = chunk.split(b"\n")
-        rest = parts.pop()
-        if parts:
-            first = parts[0]
-            if pipe.discarding:
-                pipe.discarding = False  # the newline that ends a cut line
-                start = 1
-            else:
-                if pipe.partial:
-                    pipe.partial += first
-                    parts[0] = bytes(pipe.partial)
-                start = 0
-            pipe.partial.clear()
-            for line in parts[start:] if start else parts:
-                if len(line) > max_line:
-                    self.cut += 1
-                    line = line[:max_line] + _CUT_MARK_B
-                out.append(line)
-        if rest and not pipe.discarding:
-            pipe.partial += rest
-            if len(pipe.partial) > max_line:
-                # no newline in sight: emit what fits now, drop the rest of this line
-                self.cut += 1
-                out.append(bytes(pipe.partial[:max_line]) + _CUT_MARK_B)
-                pipe.partial.clear()
-                pipe.discarding = True
-
     def _close_pipe(self, pipe: _Pipe) -> None:
         if self._pipes.pop(pipe.fd, None) is None:
             return
+        self._cut_closed += pipe.lines.cut
         if not pipe.loop.is_closed():
             pipe.loop.remove_reader(pipe.fd)
         with contextlib.suppress(OSError):
@@ -301,12 +344,7 @@ class LogStore:
         ]
         self._ring.extend(made)
         for follower in followers:
-            room = FOLLOW_QUEUE - len(follower.lines)
-            if room < len(made):
-                follower.missed += len(made) - max(room, 0)
-            if room > 0:
-                follower.lines.extend(made[:room])
-            follower.wakeup.set()
+            follower.offer(made)
 
     def _file_bytes(self, pipe: _Pipe, lines: list[bytes], now: float) -> bytes:
         stamp = format_time(now)
@@ -344,30 +382,23 @@ class LogStore:
     async def follow(self, worker: int | None = None) -> AsyncIterator[LogLine]:
         """Live lines (of `worker`) from now on, until `close()`.
 
-        A follower that falls more than FOLLOW_QUEUE lines behind loses lines and then
-        gets one line with stream "svcd" saying how many. Cancelling the consumer (or
+        A follower that falls more than FOLLOW_QUEUE lines behind loses lines; where
+        they were, it gets one line with stream "svcd" saying how many. Cancelling the consumer (or
         leaving the `async for`) unsubscribes.
         """
         follower = _Follower(worker)
         self._followers.add(follower)
         try:
             while True:
-                if follower.missed:
-                    missed, follower.missed = follower.missed, 0
-                    yield LogLine(
-                        time.time(),
-                        self.service,
-                        -1 if worker is None else worker,
-                        0,
-                        SVCD_STREAM,
-                        f"[svcd: {missed} lines skipped: reader too slow]",
-                    )
-                while follower.lines:
-                    yield follower.lines.popleft()
-                    if follower.missed:
-                        break
-                if follower.lines or follower.missed:
-                    continue
+                while follower.queue:
+                    item = follower.queue.popleft()
+                    if isinstance(item, int):
+                        yield LogLine(
+                            time.time(), self.service, -1 if worker is None else worker, 0,
+                            SVCD_STREAM, f"[svcd: {item} lines skipped: reader too slow]",
+                        )
+                    else:
+                        yield item
                 if self._closed:
                     return
                 follower.wakeup.clear()
