@@ -28,6 +28,7 @@ import enum
 import glob
 import grp
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -305,8 +306,9 @@ class Config:
     registry: RegistrySettings | None
     services: Mapping[str, ServiceSpec]
     path: str
-    text: str
-    files: tuple[str, ...]
+    #: may hold secrets (registry password): kept out of repr, and so out of logs
+    text: str = field(repr=False)
+    files: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------
@@ -993,7 +995,12 @@ class _Loader:
             key = f"include[{i}]"
             absolute = os.path.join(doc.base_dir, pattern)
             if glob.has_magic(pattern):
-                matches = sorted(glob.glob(absolute))
+                # bounded: a pattern such as "/*/*/*" must not walk the whole disk
+                found = list(itertools.islice(glob.iglob(absolute), MAX_INCLUDE_FILES + 1))
+                if len(found) > MAX_INCLUDE_FILES:
+                    table.problem(key, f"matches more than {MAX_INCLUDE_FILES} files")
+                    continue
+                matches = sorted(found)
             elif os.path.exists(absolute):
                 matches = [absolute]
             else:
@@ -1057,7 +1064,7 @@ def _read_agent(
         )
     uids = _id_list(t, "control_allow_uids", user=True)
     if uids is None:
-        uids = tuple(dict.fromkeys((0, os.getuid())))
+        uids = tuple(dict.fromkeys((0, os.geteuid())))
     gids = _id_list(t, "control_allow_gids", user=False)
     if gids is None:
         gids = () if control_group is None else (control_group,)
@@ -1901,6 +1908,10 @@ def _text(value: object) -> str:
     return _show(value) if isinstance(value, (bool, float)) else str(value)
 
 
+def _mode_text(value: object) -> str:
+    return f"{value:#05o}" if isinstance(value, int) else _text(value)
+
+
 def _change(key: str, old: object, new: object, *, rollout: bool) -> Change:
     name = key.rsplit(".", 1)[-1]
     if key in SECRET_KEYS or name in SECRET_KEYS:
@@ -1910,9 +1921,14 @@ def _change(key: str, old: object, new: object, *, rollout: bool) -> Change:
             detail = f" ({', '.join(names)})"
         return Change(key, "", "", f"{key} changed{detail}")
     if key.endswith("listen") and isinstance(old, tuple) and isinstance(new, tuple):
-        gone = [f"-{s.url}" for s in old if s not in new]
-        came = [f"+{s.url}" for s in new if s not in old]
-        return Change(key, _text(old), _text(new), f"{key} changed ({', '.join(came + gone)})")
+        old_urls, new_urls = [s.url for s in old], [s.url for s in new]
+        moved = [f"+{u}" for u in new_urls if u not in old_urls]
+        moved += [f"-{u}" for u in old_urls if u not in new_urls]
+        detail = ", ".join(moved) or "backlog or order"
+        return Change(key, _text(old), _text(new), f"{key} changed ({detail})")
+    if name == "umask" or name.endswith("_mode"):
+        old_mode, new_mode = (_mode_text(v) for v in (old, new))
+        return Change(key, old_mode, new_mode, f"{key} {old_mode} -> {new_mode}")
     if rollout and name in ("command", "cwd", "env_file", "rlimits"):
         return Change(key, _text(old), _text(new), f"{key} changed")
     return Change(key, _text(old), _text(new), f"{key} {_text(old)} -> {_text(new)}")

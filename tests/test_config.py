@@ -120,7 +120,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.agent.state_dir == paths.default_state_dir()
     assert config.agent.log_dir == paths.default_log_dir()
     assert config.agent.control_socket_mode == 0o600
-    assert config.agent.control_allow_uids == tuple(dict.fromkeys((0, os.getuid())))
+    assert config.agent.control_allow_uids == tuple(dict.fromkeys((0, os.geteuid())))
     assert config.agent.log_format == "text" and config.agent.drain_delay == 0.0
     assert config.services["api"] == ServiceSpec(name="api", command=("true",))
 
@@ -270,6 +270,7 @@ def test_registry_settings(tmp_path: Path) -> None:
     assert registry.ca_cert == str(tmp_path / "ca.pem")
     assert registry.grpc_naming_prefix == "/grpc/api/"
     assert "p'" not in repr(registry), "the password stays out of reprs (and so of logs)"
+    assert "password" not in repr(config), "nor does the raw text"
     # the registry's deregister_delay is the default of every service's own
     assert config.services["api"].deregister_delay == 1.5
 
@@ -674,6 +675,14 @@ def test_include_depth_is_bounded(tmp_path: Path) -> None:
     write(tmp_path, "d12.toml", "")
     found = problems(tmp_path, 'include = ["d0.toml"]\n' + MINIMAL)
     assert any("nested deeper" in p.reason for p in found)
+
+
+def test_include_glob_is_bounded(tmp_path: Path) -> None:
+    for i in range(130):
+        write(tmp_path, f"conf.d/s{i}.toml", "")
+    found = problems(tmp_path, 'include = ["conf.d/*.toml"]\n' + MINIMAL)
+    assert [p.key for p in found] == ["include[0]"]
+    assert "matches more than 128 files" in found[0].reason
 
 
 def test_include_file_is_read_once(tmp_path: Path) -> None:

@@ -185,3 +185,18 @@ def test_as_dict(tmp_path: Path) -> None:
     ]
     assert data["unchanged"] == ["db"]
     assert data["agent_changes"] == []
+
+
+def test_modes_read_as_octal(tmp_path: Path) -> None:
+    changed = BASE.replace('command = ["db"]', 'command = ["db"]\numask = "0027"')
+    result = plan(config(tmp_path, BASE), config(tmp_path, changed))
+    assert result.rollout[0].summary == "umask unset -> 0o027"
+
+
+def test_backlog_change_rolls(tmp_path: Path) -> None:
+    changed = BASE.replace(
+        'listen = ["tcp://127.0.0.1:8080"]',
+        'listen = [{ url = "tcp://127.0.0.1:8080", backlog = 16 }]',
+    )
+    result = plan(config(tmp_path, BASE), config(tmp_path, changed))
+    assert result.rollout[0].summary == "listen changed (backlog or order)"
