@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -117,6 +117,9 @@ class AgentCore:
         self._last_tick = time.monotonic()
         self.loop_lag = 0.0
         self.shutting_down = False
+        #: Called with True before and False after every reload that changes something
+        #: (the daemon tells systemd RELOADING=1 ... READY=1 through it).
+        self.on_reloading: Callable[[bool], None] = lambda _active: None
         self.name = config.agent.name
         self.version = __version__
         self.pid = os.getpid()
@@ -137,14 +140,18 @@ class AgentCore:
                 self.events.emit("fatal", service=spec.name, message=str(exc))
         self._record_history("started")
 
-    async def wait_ready(self, timeout: float) -> bool:
-        """Wait until every service is ready, at most `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.all_ready():
-                return True
-            await asyncio.sleep(0.05)
-        return self.all_ready()
+    async def wait_ready(self) -> None:
+        """Return once every service is ready; bound it with `asyncio.timeout`.
+
+        Readiness only changes with an event (ready, exited, ...), so it is re-checked
+        after each one instead of polling.
+        """
+        sub = self.events.subscribe()
+        try:
+            while not self.all_ready():
+                await sub.get()
+        finally:
+            sub.close()
 
     async def run_lag_monitor(self) -> None:
         """Tick forever, recording how late each tick was (the liveness signal)."""
@@ -322,11 +329,19 @@ class AgentCore:
             if dry_run:
                 return ReloadOutcome(True, "dry run: nothing changed", lines)
             job = self._apply(new, the_plan, progress)
+        job = self._announced(job)
         if not wait:
             task = asyncio.ensure_future(job)
             task.add_done_callback(_log_background_failure)
             return ReloadOutcome(True, "reload started", [])
         return await job
+
+    async def _announced(self, job: Awaitable[ReloadOutcome]) -> ReloadOutcome:
+        self.on_reloading(True)
+        try:
+            return await job
+        finally:
+            self.on_reloading(False)
 
     async def _reload_one(
         self, name: str, progress: Callable[[str], None] | None

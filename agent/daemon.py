@@ -48,6 +48,9 @@ def run(config_path: str) -> int:
             print(problem, file=sys.stderr)
         return 2
     setup_logging(config.agent.log_format)
+    # 0711: workers running as other users must reach their notify socket inside it;
+    # everything else below it is created private.
+    Path(config.agent.state_dir).mkdir(parents=True, exist_ok=True, mode=0o711)
     # The stock asyncio loop, not uvloop: the supervisor's reaper owns SIGCHLD, which
     # uvloop reserves for itself; the agent's loop is not on any request path.
     try:
@@ -113,7 +116,6 @@ class Daemon:
         notifier = SystemdNotifier.from_environ()
         grpc_checker = GrpcChecker()
         state_dir = Path(cfg.agent.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         supervisor = Supervisor(
             events=self.events,
             log_dir=Path(cfg.agent.log_dir),
@@ -123,6 +125,7 @@ class Daemon:
         )
         core = AgentCore(cfg, supervisor, self.events)
         core.load_previous_from_history()
+        core.on_reloading = lambda active: self._announce_reload(notifier, active)
         control = ControlServer(
             core,
             cfg.agent.control_socket,
@@ -171,7 +174,9 @@ class Daemon:
                 )
                 await core.start_services()
                 ready = await self._wait_ready_or_stop(core)
-                notifier.ready(status="all services ready" if ready else "started; some services not ready")
+                notifier.ready(
+                    status="all services ready" if ready else "started; some services not ready"
+                )
                 await self._stop.wait()
                 log.info("shutting down: readiness off, draining in %.1fs", cfg.agent.drain_delay)
                 core.shutting_down = True
@@ -217,28 +222,34 @@ class Daemon:
         )
         return embedded, registry
 
+    @staticmethod
+    def _announce_reload(notifier: Any, active: bool) -> None:
+        if active:
+            notifier.reloading()
+        else:
+            notifier.ready(status="reloaded")
+
     async def _wait_ready_or_stop(self, core: AgentCore) -> bool:
-        ready = asyncio.ensure_future(core.wait_ready(START_READY_TIMEOUT))
+        """True once every service is ready; False at the start timeout or on a stop."""
+        ready = asyncio.ensure_future(core.wait_ready())
         stop = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait({ready, stop}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {ready, stop}, timeout=START_READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
         stop.cancel()
-        if not ready.done():
-            ready.cancel()
-            return False
-        return bool(ready.result())
+        ready.cancel()
+        return ready.done() and not ready.cancelled() and ready.exception() is None
 
     async def _serve_reloads(self, core: AgentCore, notifier: Any) -> None:
         """SIGHUP: re-read the config and apply it (RELOADING=1 ... READY=1 around it)."""
         while True:
             await self._reload_requested.wait()
             self._reload_requested.clear()
-            notifier.reloading()
             try:
-                outcome = await core.reload()
+                outcome = await core.reload()  # RELOADING=1 ... READY=1 via core.on_reloading
                 log.info("reload (SIGHUP): %s", outcome.message)
             except Exception as exc:
                 log.error("reload (SIGHUP) failed: %s", exc)
-            notifier.ready(status="reloaded")
 
     async def _log_events(self) -> None:
         sub = self.events.subscribe()
@@ -280,7 +291,15 @@ class Daemon:
 
 
 _WARN_EVENTS = frozenset(
-    {"exited", "fatal", "unhealthy", "reload_failed", "config_rejected", "registry_disconnected", "oom"}
+    {
+        "exited",
+        "fatal",
+        "unhealthy",
+        "reload_failed",
+        "config_rejected",
+        "registry_disconnected",
+        "oom",
+    }
 )
 
 

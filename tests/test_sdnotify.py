@@ -380,11 +380,6 @@ def test_agent_tells_systemd_ready_watchdog_reloading_stopping(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="the daemon announces RELOADING=1 only for SIGHUP; systemd's ExecReload runs "
-    "`svctl reload`, which reaches the core over gRPC (reported to the lead)",
-    strict=False,
-)
 def test_svctl_reload_as_execreload_announces_reloading(fake_systemd: FakeSystemd) -> None:
     """`systemctl reload svcd` runs ExecReload=svctl reload: that reload, too, must be
     wrapped in RELOADING=1 .. READY=1."""
