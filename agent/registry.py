@@ -429,21 +429,27 @@ class EtcdClient:
         """Changes under `prefix` from `start_revision` on.
 
         The stream reconnects by itself after transient errors (raises EtcdUnavailable
-        on others). It yields a batch with
-        `restart=True` (and stops) when the caller must re-read and watch again: etcd
-        cancelled the watch (compaction), or the revision went backwards (a new cluster
-        behind the same address: the data was wiped).
+        on others). It yields a batch with `restart=True` (and stops) when the caller
+        must read again and watch anew: the stream was re-established (events may have
+        been missed), etcd cancelled the watch (compaction), or the revision went
+        backwards (the data was wiped).
         """
         watch = self._c.watch
         assert watch is not None
         last = start_revision - 1
+        created = False
         stream = watch.watch(
             prefix, etcd3aio.prefix_range_end(prefix), start_revision=start_revision
         )
         try:
             async for resp in stream:
                 revision = int(resp.header.revision)
-                if resp.canceled or resp.compact_revision > 0 or 0 < revision < last:
+                # a second "created": etcd3aio re-established the stream after an error.
+                # Whatever happened meanwhile (a wiped cluster whose revisions restarted
+                # below ours, a compaction), only a fresh read is sure to be complete.
+                again = resp.created and created
+                created = created or resp.created
+                if again or resp.canceled or resp.compact_revision > 0 or 0 < revision < last:
                     yield WatchBatch(revision, restart=True)
                     return
                 events: list[tuple[Literal["put", "delete"], KeyValue]] = []
