@@ -4,7 +4,8 @@ Run as `python -I -S _trampoline.py ARGV...` by `supervisor.spawn` (never import
 posix_spawn has already placed the inherited sockets at fds 3.., stdout/stderr at 1/2,
 stdin on /dev/null and started a new session. This script then, in this order:
 
-1. reads (and removes) its private `_SVCD_*` variables from the environment;
+1. reads (and removes) its private `_SVCD_*` variables from the environment; closes
+   every fd above the inherited ones (nothing of the agent's leaks into the worker);
 2. sets rlimits and the umask (before dropping privileges: raising a hard limit needs
    root);
 3. drops privileges (setgroups, setgid, setuid);
@@ -13,8 +14,8 @@ stdin on /dev/null and started a new session. This script then, in this order:
    would ever kill this process, so it exits instead);
 5. changes directory (as the target user, so permissions apply);
 6. sets LISTEN_PID to its own pid (which the target keeps across exec), LISTEN_FDS,
-   LISTEN_FDNAMES; closes every other fd; restores the signal dispositions Python
-   changed at startup (SIGPIPE, SIGXFSZ ignored);
+   LISTEN_FDNAMES; restores the signal dispositions Python changed at startup
+   (SIGPIPE, SIGXFSZ ignored);
 7. execs the command, searching PATH of the child's environment.
 
 Startup cost matters (it is on the restart path), so this imports only builtin modules
@@ -78,7 +79,8 @@ def close_other_fds(keep_below: int) -> None:
     """Close every fd >= keep_below: nothing of the agent's leaks into the worker."""
     try:
         names = posix.listdir("/proc/self/fd")
-    except OSError:
+    except OSError:  # no /proc: close_range(2) underneath makes this cheap
+        posix.closerange(keep_below, posix.sysconf("SC_OPEN_MAX"))
         return
     for name in names:
         fd = int(name)
@@ -119,6 +121,10 @@ def main() -> None:
     }
 
     prctl = load_prctl() if private.get(b"PDEATHSIG") == b"1" else None
+    nfds = int(private.get(b"NFDS", b"0") or b"0")
+    # Before the uid change: that resets the dumpable flag, after which /proc/self/fd
+    # belongs to root and cannot be listed any more.
+    close_other_fds(FIRST_LISTEN_FD + nfds)
 
     step = "setup"
     try:
@@ -157,13 +163,11 @@ def main() -> None:
 
     for key in (b"LISTEN_PID", b"LISTEN_FDS", b"LISTEN_FDNAMES"):
         env.pop(key, None)
-    nfds = int(private.get(b"NFDS", b"0") or b"0")
     if nfds:
         env[b"LISTEN_PID"] = str(posix.getpid()).encode()
         env[b"LISTEN_FDS"] = str(nfds).encode()
         if private.get(b"FDNAMES"):
             env[b"LISTEN_FDNAMES"] = private[b"FDNAMES"]
-    close_other_fds(FIRST_LISTEN_FD + nfds)
 
     # Python ignores these at startup; ignored dispositions survive exec.
     _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)

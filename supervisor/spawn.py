@@ -156,7 +156,7 @@ def spawn(req: SpawnRequest) -> int:
             setsigmask=(),
             setsigdef=_RESET_SIGNALS,
         )
-    except OSError as exc:
+    except (OSError, ValueError, TypeError) as exc:  # ValueError: NUL or '=' in env/argv
         raise SpawnError(f"cannot start {req.argv[0]!r}: {exc}") from exc
 
 

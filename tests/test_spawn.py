@@ -122,7 +122,12 @@ def listeners() -> Iterator[list[socket.socket]]:
 
 def test_socket_activation_environment_and_fds(listeners: list[socket.socket]) -> None:
     a, b = listeners
-    data, pid = report(fds=[a.fileno(), b.fileno()], fd_names=["api", "svcd-health"])
+    stray = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(stray, True)  # an fd some library forgot to mark O_CLOEXEC
+    try:
+        data, pid = report(fds=[a.fileno(), b.fileno()], fd_names=["api", "svcd-health"])
+    finally:
+        os.close(stray)
     env = data["env"]
     assert isinstance(env, dict)
     assert env["LISTEN_PID"] == str(pid)  # the worker's own pid, not the trampoline's parent
@@ -286,15 +291,21 @@ def test_drops_privileges_and_keeps_pdeathsig() -> None:
         libc.prctl(2, ctypes.byref(sig), 0, 0, 0)  # PR_GET_PDEATHSIG
         print(json.dumps({"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
                           "groups": os.getgroups(), "pdeathsig": sig.value,
-                          "user": os.environ.get("USER"), "home": os.environ.get("HOME")}))
+                          "user": os.environ.get("USER"), "home": os.environ.get("HOME"),
+                          "fds": sorted(int(f) for f in os.listdir("/proc/self/fd"))}))
         """
     )
     nobody = pwd.getpwnam("nobody")
     # the test's own interpreter may live where nobody cannot read (/root/...)
     python = shutil.which("python3", path="/usr/bin:/bin") or pytest.skip("no system python3")
-    rc, out, err = run(
-        SpawnRequest([python, "-c", code], clean_environ(os.environ), user="nobody")
-    )
+    leak = os.open(os.devnull, os.O_RDONLY)
+    os.set_inheritable(leak, True)  # a careless library in the agent: must not leak either
+    try:
+        rc, out, err = run(
+            SpawnRequest([python, "-c", code], clean_environ(os.environ), user="nobody")
+        )
+    finally:
+        os.close(leak)
     assert rc == 0, err
     data = json.loads(out)
     assert data["uid"] == data["euid"] == nobody.pw_uid
@@ -302,6 +313,7 @@ def test_drops_privileges_and_keeps_pdeathsig() -> None:
     assert 0 not in data["groups"]
     assert data["pdeathsig"] == signal.SIGKILL  # set after setuid, which clears it
     assert data["user"] == "nobody" and data["home"] == nobody.pw_dir
+    assert data["fds"][:3] == [0, 1, 2] and len(data["fds"]) <= 4  # + the listdir's own
 
 
 def test_trampoline_exits_when_the_agent_is_already_gone() -> None:
