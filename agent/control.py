@@ -42,7 +42,15 @@ import socket
 import stat
 import struct
 import tempfile
-from collections.abc import Collection
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +90,7 @@ INTERNAL_DIR_PREFIX = ".svcd-internal-"
 #: Bytes a client may send before its splice is connected (an HTTP/2 preface is ~100).
 MAX_EARLY_BYTES = 256 * 1024
 
+_Handler = Any  # grpc.RpcMethodHandler; its stubs describe the sync API only
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -218,8 +227,10 @@ async def _deny(request_iterator: Any, context: grpc.aio.ServicerContext[Any, An
 
 if TYPE_CHECKING:
     _GenericHandler = grpc.GenericRpcHandler[Any, Any]
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # generic only in the type stubs
     _GenericHandler = grpc.GenericRpcHandler
+    _Interceptor = grpc.aio.ServerInterceptor
 
 
 class _DenyEverything(_GenericHandler):
@@ -230,6 +241,83 @@ class _DenyEverything(_GenericHandler):
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         return grpc.stream_stream_rpc_method_handler(_deny)
+
+
+#: What the `read` role may call on the TCP control listener (status, events, logs,
+#: discover); `admin` may call everything.
+READ_METHODS = frozenset(
+    f"/{AGENT_SERVICE_NAME}/{m}" for m in ("Status", "Logs", "Events", "Probe", "RegistryInfo")
+)
+ROLES = ("read", "admin")
+
+
+def role_of(auth: Mapping[str, Iterable[bytes]], roles: Mapping[str, str]) -> str | None:
+    """The role of an mTLS caller: by its certificate's common name in `roles`; with no
+    mapping configured every certificate the CA signed is admin; else a name not in
+    the mapping gets no role (refused)."""
+    if not roles:
+        return "admin"
+    for name in auth.get("x509_common_name", ()):
+        role = roles.get(name.decode(errors="replace"))
+        if role is not None:
+            return role
+    return None
+
+
+class _RoleCheck(_Interceptor):
+    """Refuse, with PERMISSION_DENIED, the methods the caller's role does not allow."""
+
+    def __init__(self, roles: Mapping[str, str]) -> None:
+        self._roles = roles
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(f"/{AGENT_SERVICE_NAME}/"):
+            return handler  # health and reflection: open to every certificate
+        needs_admin = method not in READ_METHODS
+        roles = self._roles
+
+        async def check(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            role = role_of(context.auth_context(), roles)
+            if role is None or (needs_admin and role != "admin"):
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"permission denied: role {role or 'none'} may not call {method}",
+                )
+
+        if handler.unary_unary is not None:
+            inner: Any = handler.unary_unary  # an async function under grpc.aio
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                await check(context)
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream: Any = handler.unary_stream  # an async generator function
+
+            async def stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                await check(context)
+                async for item in inner_stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # svcd.v1.Agent has no client-streaming methods
 
 
 class ControlServer:
@@ -253,6 +341,7 @@ class ControlServer:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_ca: str | None = None,
+        roles: Mapping[str, str] | None = None,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.core = core
@@ -266,6 +355,10 @@ class ControlServer:
         self._tls = (tls_cert, tls_key, tls_ca)
         if tcp_address is not None and not all(self._tls):
             raise ControlSocketError("a TCP control listener needs tls_cert, tls_key and tls_ca")
+        self.roles = dict(roles or {})
+        unknown = sorted(r for r in self.roles.values() if r not in ROLES)
+        if unknown:
+            raise ControlSocketError(f"unknown control roles {unknown}: use read or admin")
         self.max_connections = max_connections
         #: bound ports (useful when the address asked for port 0)
         self.probe_port: int | None = None
@@ -316,8 +409,16 @@ class ControlServer:
             (AGENT_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), main
         )
         self._bind(main, f"unix:{agent_sock}")
+
         if self.tcp_address is not None:
-            self.tcp_port = self._bind_tls(main, self.tcp_address)
+            # its own server: its callers are known by certificate, not by uid
+            tcp = self._new_server(interceptors=[_RoleCheck(self.roles)])
+            AgentServicer(self.core).add_to_server(tcp)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, tcp)
+            reflection.enable_server_reflection(
+                (AGENT_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), tcp
+            )
+            self.tcp_port = self._bind_tls(tcp, self.tcp_address)
 
         denied = self._new_server()
         denied.add_generic_rpc_handlers((_DenyEverything(),))
@@ -429,9 +530,11 @@ class ControlServer:
         where = directory if longest <= MAX_UNIX_PATH else None
         return Path(tempfile.mkdtemp(prefix=INTERNAL_DIR_PREFIX, dir=where))
 
-    def _new_server(self) -> grpc.aio.Server:
+    def _new_server(self, interceptors: Sequence[_Interceptor] = ()) -> grpc.aio.Server:
         server = grpc.aio.server(
-            options=_SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS
+            interceptors=interceptors,
+            options=_SERVER_OPTIONS,
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         self._servers.append(server)
         return server

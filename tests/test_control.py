@@ -20,6 +20,7 @@ import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -28,7 +29,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent._pb import agent_pb2 as pb
 from agent.config import parse_config
-from agent.control import ControlServer, ControlSocketError
+from agent.control import ControlServer, ControlSocketError, role_of
 from agent.core import AgentCore
 from supervisor.events import EventBus
 from supervisor.supervisor import Supervisor
@@ -375,148 +376,121 @@ async def test_garbage_on_the_socket_does_not_hurt(server: ControlServer, sock_p
     assert (await asvctl(sock_path, "probe", "live")).returncode == 0
 
 
-# ---------------------------------------------------------------- mTLS
+# ---------------------------------------------------------------- mTLS and roles
+
+#: Client certificates the tests make: name -> signed by our CA?
+CLIENTS = {"admin-1": True, "reader-1": True, "unlisted": True, "stranger": False}
 
 
-def _make_pki(where: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+def _openssl(where: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True, timeout=30)
 
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True, timeout=30)
 
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    )
+def _self_signed(where: Path, name: str) -> None:
+    _openssl(where, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.pem")  # fmt: skip
+
+
+def _signed(where: Path, name: str, ca: str) -> None:
+    _openssl(where, "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr")  # fmt: skip
+    _openssl(where, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem",
+             "-CAkey", f"{ca}.key", "-CAcreateserial", "-days", "2",
+             "-extfile", "san.cnf", "-out", f"{name}.pem")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1, client certificates; one foreign CA."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl")
+    where = tmp_path_factory.mktemp("pki")
     (where / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client", "stranger"):
-        run(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-        )
-        if name == "stranger":  # signed by a CA the agent does not trust
-            run(
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=other-ca",
-                "-keyout",
-                "other.key",
-                "-out",
-                "other.pem",
-            )
-            ca, key = "other.pem", "other.key"
-        else:
-            ca, key = "ca.pem", "ca.key"
-        run(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            ca,
-            "-CAkey",
-            key,
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.cnf",
-            "-out",
-            f"{name}.pem",
-        )
-    return {
-        n: where / f"{n}"
-        for n in (
-            "ca.pem",
-            "server.pem",
-            "server.key",
-            "client.pem",
-            "client.key",
-            "stranger.pem",
-            "stranger.key",
-        )
-    }
+    _self_signed(where, "ca")
+    _self_signed(where, "other-ca")
+    _signed(where, "server", "ca")
+    for name, ours in CLIENTS.items():
+        _signed(where, name, "ca" if ours else "other-ca")
+    return where
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
-async def test_tcp_control_needs_a_client_certificate(
-    core: AgentCore, tmp_path: Path, sock_path: Path
-) -> None:
-    pki_dir = tmp_path / "pki"
-    pki_dir.mkdir()
-    pki = await asyncio.to_thread(_make_pki, pki_dir)
-    async with ControlServer(
+def _tcp_server(core: AgentCore, sock_path: Path, pki: Path, **kwargs: Any) -> ControlServer:
+    return ControlServer(
         core,
         sock_path,
         tcp_address="127.0.0.1:0",
-        tls_cert=str(pki["server.pem"]),
-        tls_key=str(pki["server.key"]),
-        tls_ca=str(pki["ca.pem"]),
-    ) as srv:
-        address = f"127.0.0.1:{srv.tcp_port}"
+        tls_cert=str(pki / "server.pem"),
+        tls_key=str(pki / "server.key"),
+        tls_ca=str(pki / "ca.pem"),
+        **kwargs,
+    )
 
-        def over_tcp(cert: str, key: str) -> subprocess.CompletedProcess[str]:
-            argv = [
-                sys.executable,
-                "-m",
-                "agent.cli",
-                "--address",
-                address,
-                "--tls-cert",
-                cert,
-                "--tls-key",
-                key,
-                "--tls-ca",
-                str(pki["ca.pem"]),
-                "--timeout",
-                "5",
-                "status",
-                "--json",
-            ]
-            return subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT)
 
-        ok = await asyncio.to_thread(over_tcp, str(pki["client.pem"]), str(pki["client.key"]))
+async def _over_tcp(
+    srv: ControlServer, pki: Path, client: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "agent.cli", "--address", f"127.0.0.1:{srv.tcp_port}",
+            "--tls-cert", str(pki / f"{client}.pem"), "--tls-key", str(pki / f"{client}.key"),
+            "--tls-ca", str(pki / "ca.pem"), "--timeout", "5", *args]  # fmt: skip
+    return await asyncio.to_thread(
+        subprocess.run, argv, capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+
+
+async def test_tcp_control_needs_a_client_certificate(
+    core: AgentCore, sock_path: Path, pki: Path
+) -> None:
+    async with _tcp_server(core, sock_path, pki) as srv:
+        ok = await _over_tcp(srv, pki, "unlisted", "status", "--json")
         assert ok.returncode == 0, ok.stderr
         assert '"name": "test-agent"' in ok.stdout
-        bad = await asyncio.to_thread(over_tcp, str(pki["stranger.pem"]), str(pki["stranger.key"]))
+        # no role mapping: every certificate of our CA is admin
+        assert (await _over_tcp(srv, pki, "unlisted", "stop", "nope")).returncode == 2
+        bad = await _over_tcp(srv, pki, "stranger", "status", "--json")
         assert bad.returncode in (3, 4), bad
         # --address without the TLS files is a usage error
         plain = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "agent.cli", "--address", address, "status"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=ROOT,
-        )
+            [sys.executable, "-m", "agent.cli", "--address", f"127.0.0.1:{srv.tcp_port}", "status"],
+            capture_output=True, text=True, timeout=30, cwd=ROOT,
+        )  # fmt: skip
         assert plain.returncode == 2 and "mTLS" in plain.stderr
+
+
+async def test_tcp_control_roles(core: AgentCore, sock_path: Path, pki: Path) -> None:
+    roles = {"admin-1": "admin", "reader-1": "read"}
+    async with _tcp_server(core, sock_path, pki, roles=roles) as srv:
+        reads: list[tuple[str, ...]] = [("status", "--json"), ("events",), ("probe", "live")]
+        writes: list[tuple[str, ...]] = [("stop", "api"), ("reload",), ("scale", "api", "2")]
+        for args in reads:
+            result = await _over_tcp(srv, pki, "reader-1", *args)
+            assert result.returncode == 0, (args, result.stderr)
+        for args in writes:
+            result = await _over_tcp(srv, pki, "reader-1", *args)
+            assert result.returncode == 4, (args, result)
+            assert "permission denied: role read" in result.stderr
+        # admin gets through to the core (which does not know "nope")
+        assert (await _over_tcp(srv, pki, "admin-1", "stop", "nope")).returncode == 2
+        # a certificate of our CA whose name is not in the mapping gets nothing
+        result = await _over_tcp(srv, pki, "unlisted", "status")
+        assert result.returncode == 4 and "role none" in result.stderr
+        # the unix socket is unaffected by roles
+        assert (await asvctl(sock_path, "stop", "nope")).returncode == 2
 
 
 def test_tcp_listener_without_tls_is_refused(core: AgentCore, tmp_path: Path) -> None:
     with pytest.raises(ControlSocketError, match="needs tls_cert"):
         ControlServer(core, tmp_path / "s.sock", tcp_address="127.0.0.1:0")
+
+
+def test_unknown_role_is_refused(core: AgentCore, tmp_path: Path) -> None:
+    with pytest.raises(ControlSocketError, match="unknown control roles"):
+        ControlServer(core, tmp_path / "s.sock", roles={"x": "root"})
+
+
+def test_role_of() -> None:
+    auth = {"x509_common_name": [b"alice"]}
+    assert role_of(auth, {}) == "admin"
+    assert role_of(auth, {"alice": "read"}) == "read"
+    assert role_of(auth, {"bob": "admin"}) is None
+    assert role_of({}, {"bob": "admin"}) is None
