@@ -47,8 +47,9 @@ _CUT_MARK_B = CUT_MARK.encode()
 FOLLOW_QUEUE = 10_000
 #: After a failed open of the log file, wait this long before trying again.
 REOPEN_INTERVAL = 5.0
-#: Mode of created log files.
+#: Mode of created log files and of a log directory created for them.
 FILE_MODE = 0o640
+DIR_MODE = 0o750
 #: `stream` of the marker line a follower gets after losing lines.
 SVCD_STREAM = "svcd"
 
@@ -182,6 +183,7 @@ class _LogFile:
         return True
 
     def _open(self) -> None:
+        self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         self._fd = os.open(
             self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
         )

@@ -346,8 +346,21 @@ async def test_a_full_disk_loses_file_lines_but_not_supervision(tmp_path: Path) 
         store.close()
 
 
-async def test_an_unwritable_directory_is_not_fatal(tmp_path: Path) -> None:
-    store = LogStore("api", tmp_path / "missing", LogSpec())
+async def test_a_missing_log_directory_is_created(tmp_path: Path) -> None:
+    store = LogStore("api", tmp_path / "new" / "dir", LogSpec())
+    try:
+        with feeding(store) as f:
+            f.write(b"line\n")
+            await wait_for(lambda: store.lines == 1, WAIT, "line")
+        assert store.dropped == 0
+        assert files(tmp_path / "new" / "dir") == ["api.log"]
+    finally:
+        store.close()
+
+
+async def test_an_unusable_directory_is_not_fatal(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    store = LogStore("api", tmp_path / "file" / "logs", LogSpec())  # under a regular file
     try:
         with feeding(store) as f:
             f.write(b"still captured\n")
