@@ -14,6 +14,7 @@ import pytest
 from supervisor.events import Event, EventBus
 from supervisor.spec import BackoffSpec, HealthSpec
 from supervisor.states import WorkerState
+from supervisor.stats import TreeSampler, WorkerStats
 from supervisor.supervisor import Supervisor
 from tests.programs.harness import (
     FAST_BACKOFF,
@@ -357,3 +358,48 @@ async def test_supervisor_fixture_closes(tmp_path: Path) -> None:
     await sup.close_reaper()
     assert all(gone(p) for p in pids)
     assert events_of(sup_events, "stopped")
+
+
+async def test_deregister_delay_keeps_serving_while_stopping(tmp_path: Path) -> None:
+    async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
+        spec = worker_spec("web", deregister_delay=2.0)
+        svc = await sup.add_service(spec)
+        await svc.wait_ready(10)
+        worker = svc.workers[0]
+        pid = worker.pid
+        stopping = asyncio.create_task(svc.stop())
+        await wait_for(lambda: worker.state is WorkerState.STOPPING, 5, "stopping")
+        assert not worker.ready  # the registry has dropped it already...
+        status, body = await http_get(port_of(spec))
+        assert (status, body) == (200, str(pid))  # ...but it still serves until signalled
+        await stopping
+        assert gone(pid)
+
+
+def test_stats_reports_and_qps() -> None:
+    stats = WorkerStats()
+    stats.apply_report({"connections": 3, "requests": 100}, now=10.0)
+    assert (stats.connections, stats.requests, stats.qps) == (3, 100, 0.0)
+    stats.apply_report({"requests": 150}, now=10.5)  # under the window: qps unchanged
+    assert stats.qps == 0.0
+    stats.apply_report(
+        {"requests": 300, "send_fail": 2, "timers": 4, "bytes": {"in": 10, "out": 20},
+         "metrics": [{"name": "jobs", "type": "counter", "value": 5}, "junk"]},
+        now=12.0,
+    )
+    assert stats.qps == 100.0
+    assert (stats.send_fail, stats.timers, stats.bytes_in, stats.bytes_out) == (2, 4, 10, 20)
+    assert stats.metrics == [{"name": "jobs", "type": "counter", "value": 5}]
+    stats.apply_report({"requests": 5, "connections": "bad"}, now=13.0)  # counter restarted
+    assert stats.requests == 5 and stats.connections == 0
+
+
+def test_tree_sampler_sums_children() -> None:
+    clock = [100.0]
+    sampler = TreeSampler(os.getpid(), clock=lambda: clock[0])
+    first = sampler.sample()
+    assert first is not None and first.rss_bytes > 0 and first.processes >= 1
+    clock[0] += 1.0
+    second = sampler.sample()
+    assert second is not None and second.cpu_seconds >= first.cpu_seconds
+    assert TreeSampler(2**22 + 12345).sample() is None  # no such process
