@@ -325,7 +325,9 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
         if args.json:
             out.write(json.dumps(to_dict(line)) + "\n")
         else:
-            out.write(f"{line.service}:{line.worker} | {line.line}\n")
+            # worker -1: a line of svcd itself about the stream (e.g. lines dropped)
+            who = line.service if line.worker < 0 else f"{line.service}:{line.worker}"
+            out.write(f"{who} | {line.line}\n")
         if args.follow:
             out.flush()
     return EXIT_OK
