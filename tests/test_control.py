@@ -196,6 +196,15 @@ async def test_refuses_a_directory_others_can_write(
 
 
 @needs_root
+async def test_socket_group_and_mode(core: AgentCore, sock_path: Path) -> None:
+    async with ControlServer(core, sock_path, mode=0o660, socket_group=NOBODY):
+        st = os.stat(sock_path)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, NOBODY)
+        # the directory we created lets the group search it, nobody else
+        assert stat.S_IMODE(os.stat(sock_path.parent).st_mode) == 0o710
+
+
+@needs_root
 async def test_refuses_a_directory_of_another_user(core: AgentCore, tmp_path: Path) -> None:
     directory = tmp_path / "theirs"
     directory.mkdir(mode=0o700)
