@@ -735,6 +735,7 @@ class Registry:
                 except _NameTaken:
                     pass  # reported already; retry after NAME_CLASH_RETRY
                 except (EtcdUnavailable, OSError, ValueError) as exc:
+                    log.debug("registry: session ended: %s", exc)
                     self._set_state("disconnected", f"etcd unreachable: {exc}")
                     self._endpoint_index += 1
                 except Exception as exc:  # never let etcd trouble kill the agent
@@ -832,7 +833,7 @@ class Registry:
                     f"({self._agent_key}, lease {holder:x}): another host uses this name, "
                     "or this agent's previous run has not expired yet; retrying"
                 )
-                log.error("registry: %s", message)
+                log.debug("registry: %s", message)
                 self._state = "disconnected"
                 self._announced = "disconnected"
                 self._events.emit(
@@ -888,10 +889,8 @@ class Registry:
         if self._announced == state:
             return
         self._announced = state
-        if state == "connected":
-            log.info("registry: %s", message)
-        else:
-            log.warning("registry: %s", message)
+        # the event is the record (the daemon logs every event); debug here avoids twins
+        log.debug("registry: %s", message)
         self._events.emit(f"registry_{state}", message=message)
 
     async def _drop_client(self) -> None:
