@@ -220,6 +220,8 @@ class LogStore:
     """
 
     def __init__(self, service: str, directory: Path | None, spec: LogSpec) -> None:
+        if not service or "/" in service or service.startswith("."):
+            raise ValueError(f"bad service name for a log file: {service!r}")
         self.service = service
         self.spec = spec
         self.path = None if directory is None else Path(directory) / f"{service}.log"

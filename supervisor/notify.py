@@ -163,6 +163,8 @@ class NotifyEndpoint:
         self.merged = 0
         self.closed = False
 
+        if not name or "/" in name or name.startswith("."):
+            raise ValueError(f"bad notify socket name {name!r}")
         directory = Path(directory)
         if not directory.exists():
             directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)

@@ -457,6 +457,12 @@ async def test_wait_eof_times_out_while_a_writer_lives(store: LogStore) -> None:
         assert store.attached(0) == 1
 
 
+def test_service_names_cannot_escape_the_directory(tmp_path: Path) -> None:
+    for bad in ("", "../x", "a/b", ".hidden"):
+        with pytest.raises(ValueError):
+            LogStore(bad, tmp_path, LogSpec())
+
+
 async def test_attach_after_close_closes_the_fd(store: LogStore) -> None:
     store.close()
     r, w = os.pipe()

@@ -255,9 +255,12 @@ async def test_socket_file_mode_and_close(make: Callable[..., Endpoint]) -> None
         os.stat(e.path)
 
 
-async def test_path_too_long_is_refused(tmp_path: Path) -> None:
+async def test_path_too_long_or_bad_name_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="longer than"):
         NotifyEndpoint(tmp_path, "x" * 120, lambda m: None)
+    for bad in ("", "../escape", ".hidden"):
+        with pytest.raises(ValueError, match="bad notify socket name"):
+            NotifyEndpoint(tmp_path, bad, lambda m: None)
 
 
 async def test_a_leftover_socket_file_is_replaced(
