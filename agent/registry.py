@@ -857,7 +857,8 @@ class Registry:
         )
         puts = {k: v for k, v in desired.items() if self._remote.get(k, None) != v}
         deletes = [k for k in self._remote if k not in desired]
-        ops: list[tuple[str, bytes | None]] = [*puts.items(), *((k, None) for k in deletes)]
+        # deletes first: a draining worker's key must go before anything else happens
+        ops: list[tuple[str, bytes | None]] = [*((k, None) for k in deletes), *puts.items()]
         for start in range(0, len(ops), MAX_TXN_OPS):
             chunk = ops[start : start + MAX_TXN_OPS]
             chunk_puts = {k: v for k, v in chunk if v is not None}

@@ -13,6 +13,7 @@ from agent.registry import (
     EtcdClient,
     Registry,
     desired_keys,
+    parse_endpoint,
     service_addr,
 )
 from supervisor.events import EventBus
@@ -97,6 +98,15 @@ def test_grpc_naming_one_key_per_addr_for_usable_endpoints() -> None:
     assert naming == {
         "/grpc/api/127.0.0.1:8080": b'{"Op":0,"Addr":"127.0.0.1:8080","Metadata":{"zone":"a"}}'
     }
+
+
+def test_parse_endpoint() -> None:
+    assert parse_endpoint("http://127.0.0.1:2379") == ("127.0.0.1", 2379, False)
+    assert parse_endpoint("https://etcd.example:2380/") == ("etcd.example", 2380, True)
+    assert parse_endpoint("10.0.0.1") == ("10.0.0.1", 2379, False)
+    assert parse_endpoint("[::1]:2379") == ("::1", 2379, False)
+    with pytest.raises(ValueError, match="port"):
+        parse_endpoint("http://h:x")
 
 
 # ------------------------------------------------------------------ against etcd
