@@ -26,7 +26,7 @@ import itertools
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, cast
 
-from server_core.eager import continue_in_task
+from server_core.eager import DONE
 
 if TYPE_CHECKING:
     from server_core.server import Server
@@ -270,17 +270,14 @@ class MessageConnection(Connection):
             return
         try:
             if server.message_is_async:
-                coro = handler(self, message)
-                try:
-                    yielded = coro.send(None)
-                except StopIteration as stop:
-                    result = stop.value
-                else:
+                runner = server.runner
+                task = runner.run(handler(self, message))
+                if task is not DONE:
                     self._busy = True
-                    task = continue_in_task(coro, yielded)
                     server.track(task)
                     task.add_done_callback(self._handler_done)
                     return
+                result = runner.box[0]
             else:
                 result = handler(self, message)
         except Exception as exc:

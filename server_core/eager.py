@@ -1,15 +1,19 @@
-"""Run a coroutine handler eagerly: no task, no loop round-trip when it does not wait.
+"""Run coroutine handlers eagerly: no task, no loop round-trip when they do not wait.
 
 Most handlers return at once (`return "hello"`). Wrapping each call in a task costs a
-task object, two loop callbacks and a delayed write. Instead the caller drives the
-coroutine with `send(None)` right away, like Python 3.12's eager task factory: if it
-finishes, the result is used immediately; if it suspends on a future, `continue_in_task`
-hands the half-run coroutine to a task that resumes it exactly where it stopped.
+task object, two loop callbacks and a delayed write; even driving the coroutine by hand
+with `send(None)` costs a StopIteration per call. `EagerRunner` instead keeps a driver
+generator that runs each coroutine with `yield from`, which hands back the return value
+without an exception. If the coroutine suspends on a future, the driver, with the
+half-run coroutine inside, moves into a task that resumes it exactly where it stopped,
+and the runner starts a fresh driver for the next call.
 
-Invariant: the value the coroutine yielded at its first suspension is re-yielded to the
-task unchanged, so the task waits on the same future the coroutine waits on.
+Invariants: the value the coroutine yielded at its first suspension is re-yielded to the
+task unchanged, so the task waits on the same future the coroutine waits on; a driver
+serves one coroutine at a time; an exception raised before the first suspension
+propagates to the caller of `run`, later ones become the task's exception.
 Caveat (documented for users): until the first real suspension the handler runs outside
-any task, so `asyncio.current_task()` is None there.
+any task, so `asyncio.current_task()` is None there, as with Python 3.12's eager tasks.
 """
 
 from __future__ import annotations
@@ -19,30 +23,62 @@ import types
 from collections.abc import Coroutine, Generator
 from typing import Any
 
+DONE: Any = object()  # the driver's "finished, result in the box" signal
+
 
 @types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
-    """Continue `coro` after it yielded `yielded`, delegating like `yield from` does."""
+def _drive(box: list[Any]) -> Generator[Any, Any, None]:
+    while True:
+        coro = yield DONE
+        box[0] = yield from coro
+
+
+@types.coroutine
+def _resume(
+    driver: Generator[Any, Any, None], box: list[Any], yielded: Any
+) -> Generator[Any, Any, Any]:
+    """Continue a suspended driver, delegating like `yield from`, until it is DONE."""
     value = yielded
     while True:
         try:
             sent = yield value
-        except BaseException as exc:  # cancellation and GeneratorExit go into the coroutine
-            try:
-                value = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
+        except BaseException as exc:  # cancellation goes into the handler's coroutine
+            value = driver.throw(exc)
         else:
-            try:
-                value = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value
+            value = driver.send(sent)
+        if value is DONE:
+            return box[0]
 
 
-async def _finish(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
-    return await _resume(coro, yielded)
+async def _finish(driver: Generator[Any, Any, None], box: list[Any], yielded: Any) -> Any:
+    return await _resume(driver, box, yielded)
 
 
-def continue_in_task(coro: Coroutine[Any, Any, Any], yielded: Any) -> asyncio.Task[Any]:
-    """A task that finishes `coro`, which already ran up to yielding `yielded`."""
-    return asyncio.get_running_loop().create_task(_finish(coro, yielded))
+class EagerRunner:
+    """Runs coroutines to completion inline; suspended ones continue in a task."""
+
+    __slots__ = ("_driver", "box")
+
+    def __init__(self) -> None:
+        self.box: list[Any] = [None]  # box[0]: what the last inline run returned
+        self._driver = _drive(self.box)
+        self._driver.send(None)
+
+    def _renew(self) -> None:
+        self.box = [None]
+        self._driver = _drive(self.box)
+        self._driver.send(None)
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run `coro`: DONE when it finished (its result is then `box[0]`), else the
+        task that finishes it."""
+        try:
+            value = self._driver.send(coro)
+        except BaseException:
+            self._renew()  # the coroutine raised: that driver is finished too
+            raise
+        if value is DONE:
+            return DONE
+        driver, box = self._driver, self.box
+        self._renew()
+        return asyncio.get_running_loop().create_task(_finish(driver, box, value))

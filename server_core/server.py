@@ -30,7 +30,7 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
 from server_core.connection import Connection
-from server_core.eager import continue_in_task
+from server_core.eager import DONE, EagerRunner
 from server_core.protocols import CONNECTION_CLASSES
 from server_core.protocols.http_message import (
     BYTES_TYPE,
@@ -76,13 +76,16 @@ class Server:
         self.on_buffer_drain = callbacks.get("on_buffer_drain")
         self.on_message = callbacks.get("on_message")
         self.message_is_async = is_async(self.on_message)
-        self.http_handler = callbacks.get("on_http") if self.websocket else self.on_message
-        self.http_is_async = is_async(self.http_handler)
-        self.no_handler_response: Any = (
+        self.runner = EagerRunner()
+        no_handler_response = (
             Response("426 Upgrade Required\n", 426, {"Upgrade": "websocket"})
             if self.websocket
             else Response("404 Not Found\n", 404)
         )
+        self.http_handler: Callable[..., Any] = (
+            callbacks.get("on_http") if self.websocket else self.on_message
+        ) or (lambda conn, request: no_handler_response)
+        self.http_is_async = is_async(self.http_handler)
         self.max_header_bytes = worker.max_header_bytes
         self.max_body_bytes = worker.max_body_bytes
         self.max_package_size = worker.max_package_size
@@ -216,13 +219,10 @@ class Server:
         try:
             result = callback(*args)
             if inspect.iscoroutine(result):
-                try:
-                    yielded = result.send(None)
-                except StopIteration:
-                    return
-                task = continue_in_task(result, yielded)
-                self.track(task)
-                task.add_done_callback(functools.partial(self._callback_done, conn))
+                task = self.runner.run(result)
+                if task is not DONE:
+                    self.track(task)
+                    task.add_done_callback(functools.partial(self._callback_done, conn))
         except Exception as exc:
             self.report_error(conn, exc)
 

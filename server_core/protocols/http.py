@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from server_core.connection import NOT_SENT, SENT, Connection, Sent
-from server_core.eager import continue_in_task
+from server_core.eager import DONE
 from server_core.protocols import websocket
 from server_core.protocols.http_message import (
     KEEP_CLOSE,
@@ -112,18 +112,15 @@ class HttpConnection(Connection):
 
     # ----- input ------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.server.stats.bytes_in += len(data)
-        self._feed(data)
-
-    def _feed(self, data: bytes) -> None:
+        server = self.server
+        server.stats.bytes_in += len(data)
         if self._closing:
             return  # lingering: the peer's late bytes are read and dropped
-        state = self._state
-        if state == IDLE:
+        if self._state == IDLE:
             self._state = HEAD
-            self._since = self.server.tick
+            self._since = server.tick
             self._chunk_bytes = 0
-        out: list[bytes] = []  # responses made while parsing this chunk
+        out: list[bytes] = []  # responses made while parsing this chunk: one write
         self._out = out
         try:
             self._parser.feed_data(data)
@@ -139,7 +136,9 @@ class HttpConnection(Connection):
             return
         self._out = None
         if out:
-            self._flush(out)
+            payload = out[0] if len(out) == 1 else b"".join(out)
+            server.stats.bytes_out += len(payload)
+            self.transport.write(payload)
         if self._closing:
             self._linger()
             return
@@ -216,24 +215,25 @@ class HttpConnection(Connection):
         if self._closing:
             return
         parser = self._parser
-        body = self._body
         keep_alive = KEEP_CLOSE
         if parser.should_keep_alive():
             keep_alive = KEEP_IMPLICIT
             connection = self._connection_header
-            if connection is not None and b"keep-alive" in connection.lower():
-                keep_alive = KEEP_EXPLICIT
+            if connection is not None:
+                self._connection_header = None
+                if b"keep-alive" in connection.lower():
+                    keep_alive = KEEP_EXPLICIT
+        body = self._body
+        if body:
+            self._body = b""
+            if isinstance(body, bytearray):
+                body = bytes(body)
+        # an empty body is always b"" (a bytearray only ever holds two chunks or more)
         request = Request(
-            parser.get_method(),
-            self._url,
-            self._headers,
-            body if type(body) is bytes else bytes(body),
-            keep_alive,
+            parser.get_method(), self._url, self._headers, body, keep_alive  # type: ignore[arg-type]
         )
         self._url = b""
         self._headers = []
-        self._body = b""
-        self._connection_header = None
         self._head_bytes = 0
         self._state = BUSY
         if self._upgrade is not None:
@@ -268,24 +268,17 @@ class HttpConnection(Connection):
     def _handle(self, request: Request) -> None:
         self._pending = request
         server = self.server
-        handler = server.http_handler
-        if handler is None:
-            self._respond(request, server.no_handler_response)
-            return
         try:
             if server.http_is_async:
-                coro = handler(self, request)
-                try:
-                    yielded = coro.send(None)
-                except StopIteration as stop:
-                    result = stop.value
-                else:
-                    task = continue_in_task(coro, yielded)
+                runner = server.runner
+                task = runner.run(server.http_handler(self, request))
+                if task is not DONE:
                     server.track(task)
                     task.add_done_callback(functools.partial(self._handler_done, request))
                     return
+                result = runner.box[0]
             else:
-                result = handler(self, request)
+                result = server.http_handler(self, request)
         except Exception as exc:
             self._handler_failed(request, exc)
             return
@@ -328,23 +321,44 @@ class HttpConnection(Connection):
     def _respond(self, request: Request, result: Any) -> None:
         self._pending = None
         server = self.server
-        keep_alive = KEEP_CLOSE if server.draining else request.keep_alive
-        head_only = request._method == b"HEAD"
-        if result is server.cached_result and keep_alive == KEEP_IMPLICIT and not head_only:
+        keep_alive = request.keep_alive
+        if server.draining:
+            keep_alive = KEEP_CLOSE
+        if (
+            result is server.cached_result
+            and keep_alive == KEEP_IMPLICIT
+            and request._method != b"HEAD"
+        ):
             data = server.cached_response
-        elif type(result) is str:
+        else:
+            data = self._render(request, result, keep_alive)
+        out = self._out
+        if out is not None:
+            out.append(data)
+        else:
+            self._write(data)
+        if keep_alive == KEEP_CLOSE:
+            self._after_response(request, keep_alive)
+            return
+        self._state = IDLE
+        self._since = server.tick
+        if self._close_when_idle and not self._queue:
+            self.close()
+
+    def _render(self, request: Request, result: Any, keep_alive: int) -> bytes:
+        server = self.server
+        head_only = request._method == b"HEAD"
+        if type(result) is str:
             data = render_simple(server.text_head, result.encode(), keep_alive, head_only)
             if keep_alive == KEEP_IMPLICIT and not head_only:
                 server.cached_result = result
                 server.cached_response = data
-        else:
-            try:
-                data = render_result(result, server.date_line, server.heads, keep_alive, head_only)
-            except (TypeError, ValueError) as exc:
-                server.report_error(self, exc)
-                data = error_response(500, server.date_line, keep_alive)
-        self._emit(data)
-        self._after_response(request, keep_alive)
+            return data
+        try:
+            return render_result(result, server.date_line, server.heads, keep_alive, head_only)
+        except (TypeError, ValueError) as exc:
+            server.report_error(self, exc)
+            return error_response(500, server.date_line, keep_alive)
 
     def _after_response(self, request: Request, keep_alive: int | None = None) -> None:
         if keep_alive is None:
@@ -391,7 +405,8 @@ class HttpConnection(Connection):
             # request was answered as plain HTTP; keep parsing with a fresh parser.
             self._parser = HttpRequestParser(self)
             if rest and not self._closing:
-                self._feed(rest)
+                self.server.stats.bytes_in -= len(rest)  # counted already
+                self.data_received(rest)
             elif self._closing:
                 self._linger()
             return

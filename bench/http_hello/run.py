@@ -1,0 +1,177 @@
+"""HTTP keep-alive GET `hello`: server_core vs uvicorn (raw ASGI) vs a bare uvloop Protocol.
+
+    .venv/bin/python bench/http_hello/run.py [--rounds 3] [--duration 10] [--ws]
+
+Each server runs alone as one process pinned to core 0 (`taskset -c 0`); `wrk -t1
+-c64` runs pinned to core 1. Rounds interleave the servers (sc, uvicorn, bare, sc, ...)
+so that load from elsewhere on the machine spreads over all of them; the report gives
+each server's median and the ratios of medians. `--ws` adds WebSocket echo messages/s:
+server_core's ws:// echo against the `websockets` library's own server, both driven by
+the same client (`ws_client.py`, pinned to core 1).
+
+Needs: wrk (`apt-get install -y wrk`), uvicorn (the `bench` extra), Linux taskset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+PY = sys.executable
+SERVER_CORE = "0"
+CLIENT_CORE = "1"
+STARTUP_TIMEOUT = 15.0
+WARMUP_SECONDS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_servers(port: int) -> dict[str, list[str]]:
+    return {
+        "server_core": [PY, str(HERE / "server_core_app.py"), str(port)],
+        "uvicorn": [
+            PY, "-m", "uvicorn", "--loop", "uvloop", "--http", "httptools",
+            "--no-access-log", "--log-level", "warning", "--port", str(port),
+            "--app-dir", str(HERE), "uvicorn_app:app",
+        ],
+        "bare_protocol": [PY, str(HERE / "bare_protocol.py"), str(port)],
+    }
+
+
+def ws_servers(port: int) -> dict[str, list[str]]:
+    return {
+        "server_core_ws": [PY, str(HERE / "ws_server_core.py"), str(port)],
+        "websockets_ws": [PY, str(HERE / "ws_websockets.py"), str(port)],
+    }
+
+
+@contextlib.contextmanager
+def running(argv: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        ["taskset", "-c", SERVER_CORE, *argv], env=env, cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start: {argv}") from None
+                time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def wrk(port: int, seconds: int) -> tuple[float, str]:
+    out = subprocess.run(
+        ["taskset", "-c", CLIENT_CORE, "wrk", "-t1", "-c64", f"-d{seconds}s",
+         f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, check=True, timeout=seconds + 30,
+    ).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not match:
+        raise RuntimeError(f"no Requests/sec in wrk output:\n{out}")
+    errors = re.search(r"Socket errors:.*|Non-2xx.*", out)
+    return float(match.group(1)), errors.group(0) if errors else ""
+
+
+def ws_client(port: int, seconds: int) -> float:
+    out = subprocess.run(
+        ["taskset", "-c", CLIENT_CORE, PY, str(HERE / "ws_client.py"), str(port), str(seconds)],
+        capture_output=True, text=True, check=True, timeout=seconds + 60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    ).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    return (
+        f"nproc {os.cpu_count()}, kernel {platform.release()}, CPU {cpu}, "
+        f"Python {platform.python_version()}, load average at start {' '.join(load)}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--ws", action="store_true", help="also WebSocket echo msgs/s")
+    parser.add_argument("--only", default="", help="comma-separated server names")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is missing: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine()}")
+    only = set(filter(None, args.only.split(",")))
+    results: dict[str, list[float]] = {}
+    for round_no in range(1, args.rounds + 1):
+        port = free_port()
+        for name, argv in http_servers(port).items():
+            if only and name not in only:
+                continue
+            with running(argv, port):
+                wrk(port, WARMUP_SECONDS)
+                rps, errors = wrk(port, args.duration)
+            results.setdefault(name, []).append(rps)
+            print(f"round {round_no} {name}: {rps:,.0f} req/s {errors}", flush=True)
+        if args.ws:
+            for name, argv in ws_servers(port).items():
+                if only and name not in only:
+                    continue
+                with running(argv, port):
+                    msgs = ws_client(port, args.duration)
+                results.setdefault(name, []).append(msgs)
+                print(f"round {round_no} {name}: {msgs:,.0f} msgs/s", flush=True)
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    print("\n| server | runs | median |\n|---|---|---|")
+    for name, values in results.items():
+        runs = ", ".join(f"{v / 1000:.1f}k" for v in values)
+        print(f"| {name} | {runs} | {medians[name] / 1000:.1f}k |")
+    sc = medians.get("server_core")
+    if sc:
+        for peer in ("uvicorn", "bare_protocol"):
+            if medians.get(peer):
+                print(f"server_core / {peer}: {sc / medians[peer]:.2f}x")
+    if medians.get("server_core_ws") and medians.get("websockets_ws"):
+        ratio = medians["server_core_ws"] / medians["websockets_ws"]
+        print(f"server_core_ws / websockets_ws: {ratio:.2f}x")
+    print(f"load average at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
