@@ -101,8 +101,8 @@ async def test_logs_are_captured(tmp_path: Path) -> None:
     async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
         svc = await sup.add_service(worker_spec("web", count=2))
         await svc.wait_ready(10)
-        lines = await wait_for(lambda: len(svc.logs.tail(10)) >= 2 and svc.logs.tail(10), 5,
-                               "two start lines")
+        await wait_for(lambda: len(svc.logs.tail(10)) >= 2, 5, "two start lines")
+        lines = svc.logs.tail(10)
         assert {line.worker for line in lines} == {0, 1}
         assert all("serving" in line.line for line in lines)
         assert (tmp_path / "logs" / "web.log").exists()

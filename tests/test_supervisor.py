@@ -12,6 +12,7 @@ import pytest
 from supervisor import worker as worker_module
 from supervisor.errors import ListenerError, UnknownService
 from supervisor.events import EventBus
+from supervisor.stats import TreeSampler
 from supervisor.supervisor import Supervisor
 from tests.programs.harness import events_of, http_get, listen, port_of, running, worker_spec
 from tests.waiting import wait_for
@@ -77,16 +78,18 @@ async def test_a_supervision_bug_is_contained(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = 0
-    real_sample = worker_module.TreeSampler.sample
+    real_sample = TreeSampler.sample
 
-    def flaky_sample(self: worker_module.TreeSampler) -> object:
+    def flaky_sample(self: TreeSampler) -> object:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("simulated bug in the sampler")
         return real_sample(self)
 
-    monkeypatch.setattr(worker_module.TreeSampler, "sample", flaky_sample)
+    # the class is shared with supervisor.worker (which imports it by name)
+    assert worker_module.TreeSampler is TreeSampler  # type: ignore[attr-defined]
+    monkeypatch.setattr(TreeSampler, "sample", flaky_sample)
     async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
         spec = worker_spec("web")
         svc = await sup.add_service(spec)
