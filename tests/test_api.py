@@ -110,7 +110,8 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     try:
         async with running(core):
             await core.start_services()
-            assert await core.wait_ready(TIMEOUT), core.status()
+            async with asyncio.timeout(TIMEOUT):
+                await core.wait_ready()
             await control.start()
             async with grpc.aio.insecure_channel(f"unix:{control.socket_path}") as channel:
                 stub = agent_pb2_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
@@ -212,7 +213,7 @@ async def test_stop_start_restart_and_service_health(agent: Agent) -> None:
 
     before = await pids(agent)
     await agent.stub.Restart(pb.ServiceRequest(service="api"), timeout=TIMEOUT)
-    await eventually(lambda: agent.core.wait_ready(0.1), "ready after restart")
+    await wait_for(agent.core.all_ready, TIMEOUT, "ready after restart")
     after = await pids(agent)
     assert len(after) == 2 and not before & after
 
@@ -254,7 +255,7 @@ async def test_reload_one_service_streams_progress_then_result(agent: Agent) -> 
 async def test_reload_no_wait_returns_at_once(agent: Agent) -> None:
     updates = await reload_all(agent, pb.ReloadRequest(service="api", no_wait=True))
     assert updates[-1].result.ok
-    await eventually(lambda: agent.core.wait_ready(0.1), "ready after background reload")
+    await wait_for(agent.core.all_ready, TIMEOUT, "ready after background reload")
 
 
 async def test_reload_config_dry_run_changes_nothing(agent: Agent) -> None:

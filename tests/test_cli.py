@@ -190,7 +190,8 @@ async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     try:
         async with running(core):
             await core.start_services()
-            assert await core.wait_ready(TIMEOUT)
+            async with asyncio.timeout(TIMEOUT):
+                await core.wait_ready()
             await control.start()
             yield Agent(core, control.socket_path, tmp_path / "svcd.toml", port)
     finally:
