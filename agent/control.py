@@ -479,6 +479,8 @@ class ControlServer:
             with contextlib.suppress(FileExistsError):
                 directory.mkdir(mode=dir_mode)
                 os.chmod(directory, dir_mode)  # mkdir's mode is cut by the umask
+                if self.socket_group is not None:  # its x bit is for that group
+                    os.chown(directory, -1, self.socket_group)
         st = os.stat(directory)
         if not stat.S_ISDIR(st.st_mode):
             raise ControlSocketError(f"{directory} (control socket directory) is not a directory")

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from agent import __version__
-from agent.config import Config, ConfigError, ReloadPlan, load_config, parse_config, plan
+from agent.config import (
+    MAX_WORKERS,
+    Config,
+    ConfigError,
+    ReloadPlan,
+    load_config,
+    parse_config,
+    plan,
+)
 from agent.errors import ActionFailed, ConfigRejected, InvalidRequest, UnknownService
 from supervisor.errors import ReloadFailed
 from supervisor.events import Event, EventBus, Subscription
@@ -295,8 +303,8 @@ class AgentCore:
         await self._service(service).restart()
 
     async def scale(self, service: str, count: int) -> None:
-        if count < 0:
-            raise InvalidRequest(f"count must be >= 0, got {count}")
+        if not 0 <= count <= MAX_WORKERS:  # the config's bound: no fork bomb by svctl
+            raise InvalidRequest(f"count must be in 0..{MAX_WORKERS}, got {count}")
         svc = self._service(service)
         await svc.scale(count)
         spec = dataclasses.replace(self._applied.services[service], count=count)

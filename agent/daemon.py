@@ -132,7 +132,13 @@ class Daemon:
             mode=cfg.agent.control_socket_mode,
             allow_uids=cfg.agent.control_allow_uids,
             allow_gids=cfg.agent.control_allow_gids,
+            socket_group=cfg.agent.control_group,
             probe_address=cfg.agent.probe_address,
+            tcp_address=cfg.agent.control_address,
+            tls_cert=cfg.agent.tls_cert,
+            tls_key=cfg.agent.tls_key,
+            tls_ca=cfg.agent.tls_ca,
+            roles=cfg.agent.roles,
         )
         await control.start()  # takes the single-instance lock: fail before touching ports
         self._install_signals()

@@ -82,7 +82,9 @@ class WorkerRecord:
                 started_at=float(d["started_at"]),
                 meta=dict(d.get("meta") or {}),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        # anyone with write access to etcd writes these: deep nesting (RecursionError) and
+        # huge or infinite numbers (OverflowError) must not crash a reader either
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             log.debug("discovery: ignoring %s: %s", key, exc)
             return None
 
