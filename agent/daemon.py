@@ -53,8 +53,15 @@ def run(config_path: str) -> int:
     Path(config.agent.state_dir).mkdir(parents=True, exist_ok=True, mode=0o711)
     # The stock asyncio loop, not uvloop: the supervisor's reaper owns SIGCHLD, which
     # uvloop reserves for itself; the agent's loop is not on any request path.
+    from agent.control import ControlSocketError
+    from agent.embedded_etcd import EmbeddedEtcdError
+
     try:
         return asyncio.run(Daemon(config).run())
+    except (ControlSocketError, EmbeddedEtcdError) as exc:
+        # start-up refusals the operator must act on: one clear line, no traceback
+        print(f"svcd: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # pragma: no cover - signals are handled in the loop
         return 130
 

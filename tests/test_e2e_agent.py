@@ -187,3 +187,16 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
     for key in ("services.api.command", "services.api.count", "services.api.restart"):
         assert key in text, text
     assert "bad.toml" in text
+
+
+def test_second_agent_on_the_same_socket_is_refused_clearly(tmp_path: Path) -> None:
+    port = free_port()
+    with AgentProcess(tmp_path, services_toml(port, count=1)) as agent:
+        second = subprocess.run(
+            [sys.executable, "-m", "agent", "--config", str(agent.config)],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )
+        assert second.returncode == 1
+        assert "another svcd is running" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert agent.svctl("probe", "ready").returncode == 0  # the first one is untouched
