@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import struct
+from socket import SO_LINGER, SOL_SOCKET
 from typing import Any
 
 import pytest
@@ -296,3 +298,58 @@ async def test_tcp_nodelay_on_accepted_connections() -> None:
         writer.write(get())
         await read_reply(reader)
     assert seen and seen[0] != 0
+
+
+async def test_drain_answers_with_connection_close_and_closes_idle() -> None:
+    worker = echo_worker(drain_grace=0.3)
+    async with serving(worker) as port:
+        async with connect(port) as (busy_reader, busy_writer), connect(port) as (
+            idle_reader,
+            idle_writer,
+        ):
+            for writer, reader in ((busy_writer, busy_reader), (idle_writer, idle_reader)):
+                writer.write(get())
+                assert "connection" not in (await read_reply(reader)).headers
+            worker.stop()
+            busy_writer.write(get())  # still answered, but told to go away
+            reply = await read_reply(busy_reader)
+            assert (reply.status, reply.headers["connection"]) == (200, "close")
+            assert await read_to_eof(busy_reader) == b""
+            assert await read_to_eof(idle_reader) == b""  # closed after the grace
+        # nobody accepts any more: our copy of the listening socket is closed
+        await wait_for(lambda: worker.stats.connections == 0, what="all closed")
+
+
+async def test_async_handler_failing_after_suspension_gets_500() -> None:
+    worker = Worker("http://127.0.0.1:0")
+
+    @worker.on_message
+    async def handle(conn: HttpConnection, request: Request) -> str:
+        await asyncio.sleep(0)
+        raise ValueError("late failure")
+
+    worker.on_error(lambda conn, exc: None)
+    async with serving(worker) as port, connect(port) as (reader, writer):
+        writer.write(get())
+        assert (await read_reply(reader)).status == 500
+
+
+async def test_answer_for_a_client_that_left_counts_a_send_failure() -> None:
+    worker = Worker("http://127.0.0.1:0")
+    release = asyncio.Event()
+
+    @worker.on_message
+    async def handle(conn: HttpConnection, request: Request) -> str:
+        await release.wait()
+        return "too late"
+
+    async with serving(worker) as port:
+        async with connect(port) as (_reader, writer):
+            writer.write(get())
+            await wait_for(lambda: worker.stats.requests == 1, what="request seen")
+            sock = writer.transport.get_extra_info("socket")  # reset, not half-close:
+            sock.setsockopt(SOL_SOCKET, SO_LINGER, struct.pack("ii", 1, 0))  # client gone
+            writer.transport.abort()
+        await wait_for(lambda: worker.stats.connections == 0, what="client gone")
+        release.set()
+        await wait_for(lambda: worker.stats.send_fail == 1, what="send failure counted")

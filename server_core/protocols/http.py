@@ -294,6 +294,10 @@ class HttpConnection(Connection):
         else:
             result = task.result()
             if result is not None and self._pending is request:
+                if self._closed or self._closing:
+                    self.server.stats.send_fail += 1  # the client went away meanwhile
+                    self._pending = None
+                    return
                 self._respond(request, result)
         self._advance()
 
