@@ -72,6 +72,10 @@ MEMORY_STRIKES = 3
 #: After SIGKILL, how long to wait for the reaper before declaring the process stuck
 #: (uninterruptible sleep); the reaper still collects it whenever it goes.
 KILL_REAP_TIMEOUT = 10.0
+#: After the main process is gone, how long to wait for the rest of its (SIGKILLed)
+#: process group to vanish, and how often to look.
+GROUP_EXIT_WAIT = 1.0
+GROUP_EXIT_POLL = 0.01
 #: How long a dead process's pipes may stay open before its exit is reported anyway.
 LOG_EOF_GRACE = 0.2
 #: Pause before retrying a slot whose supervision task hit an unexpected error.
@@ -397,7 +401,7 @@ class Worker:
             now = time.monotonic()
             if proc.exited.done():
                 await self._drain_output(proc)
-                return self._reaped(proc, proc.exited.result())
+                return self._reaped(proc, _status(proc.exited))
             if self._stop_requested:
                 return await self._terminate(proc, self._stop_reason, requested_stop=True)
             if self._replace_reason:
@@ -487,15 +491,15 @@ class Worker:
         # no await between spawn and watch: the reaper must know the pid first
         exited = self._deps.reaper.watch(pid, since=before)
         exited.add_done_callback(lambda _: self._group_gone(pid))
-        self._deps.logs.attach(self.index, pid, "stdout", out_r)
-        self._deps.logs.attach(self.index, pid, "stderr", err_r)
         now = time.monotonic()
         proc = _Process(
             pid=pid, exited=exited, notify=endpoint, env=env, started=now,
             health_sock=health_sock, last_ping=now, next_sample=now + SAMPLE_INTERVAL,
         )
+        self._proc = proc  # from here on, _recover can find (and kill) it
+        self._deps.logs.attach(self.index, pid, "stdout", out_r)
+        self._deps.logs.attach(self.index, pid, "stderr", err_r)
         proc.sampler = TreeSampler(pid)
-        self._proc = proc
         self.stats = WorkerStats()
         self.status_text = ""
         self.started_at = time.time()
@@ -572,7 +576,7 @@ class Worker:
             return self._reaped(proc, None, requested_stop=requested_stop, replaced=replaced)
         await self._drain_output(proc)
         return self._reaped(
-            proc, proc.exited.result(), requested_stop=requested_stop, replaced=replaced
+            proc, _status(proc.exited), requested_stop=requested_stop, replaced=replaced
         )
 
     def _reaped(
@@ -598,8 +602,15 @@ class Worker:
         return _Ended(status, requested_stop=requested_stop, replaced=replaced)
 
     async def _drain_output(self, proc: _Process) -> None:
-        """Let the last lines of a dead process reach the log before its exit is told;
-        pipes still held open (by a descendant that left the group) are dropped."""
+        """Before the exit is told: wait (bounded) until nothing of the process group is
+        left, so a stopped worker's helpers are gone when stop() returns; let the last
+        lines reach the log; drop pipes still held open (by a descendant that left the
+        group)."""
+        # Nothing signals "group empty", so this polls, a bounded number of times.
+        for _ in range(int(GROUP_EXIT_WAIT / GROUP_EXIT_POLL)):
+            if not _group_alive(proc.pid):
+                break
+            await asyncio.sleep(GROUP_EXIT_POLL)
         logs = self._deps.logs
         await logs.wait_eof(self.index, proc.pid, grace=LOG_EOF_GRACE)
         logs.detach(self.index, proc.pid)
@@ -658,6 +669,8 @@ class Worker:
         if proc is not None:
             with contextlib.suppress(Exception):
                 self._release(proc)
+        self.exits += 1  # whoever waits for this process to get ready must not wait on
+        self.end_reason = self.last_exit = "supervision error"
         if self._state is not WorkerState.EXITED:
             # any -> EXITED: supervision error
             self._set_state(WorkerState.EXITED, "exited", message="supervision error")
@@ -801,6 +814,35 @@ class Worker:
                 self.replace(reason)
         else:
             proc.memory_strikes = 0
+
+
+def _group_alive(pgid: int) -> bool:
+    """SIGKILL process group `pgid`; True while a member of it is still running.
+
+    killpg also succeeds on a group of zombies that their new parent (init, unless the
+    agent is a subreaper) has not reaped yet; those count as gone, which takes a scan
+    of /proc (cheap: one getpgid per process, one read per member).
+    """
+    if not signal_group(pgid, signal.SIGKILL):
+        return False
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(name)) != pgid:
+                continue
+            with open(f"/proc/{name}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if state not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def _status(exited: asyncio.Future[ExitStatus]) -> ExitStatus | None:
+    """The exit status, or None when the reaper was closed before the process ended."""
+    return None if exited.cancelled() else exited.result()
 
 
 def _signal_number(name: str) -> signal.Signals:
