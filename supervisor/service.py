@@ -102,8 +102,7 @@ class Service:
         self._transit: set[Worker] = set()
         self._lock = asyncio.Lock()
         self._desired = False
-        self._reload_task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._reloads: set[asyncio.Task[None]] = set()  # running or queued on the lock
         self._closed = False
         self.changed = Changed()
 
@@ -125,17 +124,12 @@ class Service:
         Interrupts a running reload (it raises ReloadFailed to its caller).
         """
         self._desired = False
-        self._stopping = True
-        try:
-            task = self._reload_task
-            if task is not None and not task.done():
-                task.cancel()
-            async with self._lock:
-                await self._stop_workers([*self._slots.values(), *self._transit], "service stopped")
-                self._slots.clear()
-                self._transit.clear()
-        finally:
-            self._stopping = False
+        for task in self._reloads:
+            task.cancel()  # running or queued: none of them may start anything now
+        async with self._lock:
+            await self._stop_workers([*self._slots.values(), *self._transit], "service stopped")
+            self._slots.clear()
+            self._transit.clear()
         self._publish_changed()
 
     async def restart(self) -> None:
@@ -159,8 +153,14 @@ class Service:
         if spec is not None and spec.name != self.name:
             raise ValueError(f"spec of {spec.name!r} given to service {self.name!r}")
         task = asyncio.create_task(self._reload(spec, progress), name=f"reload {self.name}")
-        self._reload_task = task  # before any await: stop() must find it
+        self._reloads.add(task)  # before any await: stop() must find it
+        task.add_done_callback(self._reload_done)
         await asyncio.shield(task)
+
+    def _reload_done(self, task: asyncio.Task[None]) -> None:
+        self._reloads.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its caller may have gone (shield), not an error
 
     async def scale(self, count: int) -> None:
         """Run `count` workers: new slots start, the highest slots drain and stop."""
@@ -221,7 +221,7 @@ class Service:
     @property
     def state(self) -> ServiceState:
         """Derived from the workers (see ServiceState)."""
-        if self._reload_task is not None and not self._reload_task.done():
+        if self._reloads:
             return ServiceState.RELOADING
         if not self._desired:
             return ServiceState.STOPPED
@@ -401,11 +401,15 @@ class Service:
         self.generation = new_gen
         self._sockets = new_sockets
         self.logs.update_spec(target.logs)
-        await asyncio.gather(
-            *drains, self._stop_workers(doomed, "scaled down by reload"), return_exceptions=True
-        )
-        self._release(old_spec.listen)
         self.reloads += 1
+        try:
+            await asyncio.gather(
+                *drains, self._stop_workers(doomed, "scaled down by reload"),
+                return_exceptions=True,
+            )
+        finally:
+            # even when stop() interrupts the drain: the old spec's hold must go
+            self._release(old_spec.listen)
         took = time.monotonic() - started
         events.emit("reloaded", service=self.name, generation=new_gen,
                     message=f"generation {new_gen} ready in {took:.2f}s",

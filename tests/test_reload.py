@@ -175,6 +175,7 @@ async def test_stop_interrupts_a_reload(tmp_path: Path) -> None:
         await svc.wait_ready(10)
         slow = dataclasses.replace(spec, command=(*spec.command, "--never-ready"))
         reload = asyncio.create_task(svc.reload(slow))
+        queued = asyncio.create_task(svc.reload())  # waits for the first one
         await wait_for(
             lambda: any(w.generation == 2 and w.pid for w in svc.workers), 10, "gen 2 started"
         )
@@ -182,6 +183,8 @@ async def test_stop_interrupts_a_reload(tmp_path: Path) -> None:
         await svc.stop()
         with pytest.raises(ReloadFailed, match="interrupted"):
             await reload
+        with pytest.raises(ReloadFailed, match="interrupted"):
+            await queued
         assert svc.workers == [] and svc.status().state == "stopped"
         assert svc.spec == spec and svc.generation == 1
         # and it starts again with the old spec

@@ -31,6 +31,7 @@ async def test_add_update_remove(tmp_path: Path) -> None:
         assert svc.generation == 2
         await sup.remove_service("web")
         assert "web" not in sup.services
+        assert sup.listeners.urls == []  # every acquire of every generation released
         with pytest.raises(ConnectionRefusedError):
             await http_get(port_of(spec))  # the listener is closed with its last service
         with pytest.raises(UnknownService):
