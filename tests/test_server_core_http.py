@@ -353,3 +353,15 @@ async def test_answer_for_a_client_that_left_counts_a_send_failure() -> None:
         await wait_for(lambda: worker.stats.connections == 0, what="client gone")
         release.set()
         await wait_for(lambda: worker.stats.send_fail == 1, what="send failure counted")
+
+
+async def test_endless_trailers_are_refused() -> None:
+    worker = echo_worker(max_header_bytes=2048, max_body_bytes=2048)
+    async with serving(worker) as port, connect(port) as (reader, writer):
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"1\r\na\r\n0\r\nX-Trailer: ")
+        for _ in range(100):
+            writer.write(b"t" * 100)  # one trailer line that never ends
+            await writer.drain()
+        data = await read_to_eof(reader)
+        assert data.startswith(b"HTTP/1.1 413 ")

@@ -5,9 +5,11 @@
 Each server runs alone as one process pinned to core 0 (`taskset -c 0`); `wrk -t1
 -c64` runs pinned to core 1. Rounds interleave the servers (sc, uvicorn, bare, sc, ...)
 so that load from elsewhere on the machine spreads over all of them; the report gives
-each server's median and the ratios of medians. `--ws` adds WebSocket echo messages/s:
-server_core's ws:// echo against the `websockets` library's own server, both driven by
-the same client (`ws_client.py`, pinned to core 1).
+each server's median and the ratios of medians. It also reads the server's CPU time
+(/proc/PID/stat) around each measured run and reports requests per CPU-second of the
+server: on a machine shared with other work that is the steadier figure of efficiency.
+`--ws` adds WebSocket echo messages/s: server_core's ws:// echo against the `websockets`
+library's own server, both driven by the same client (`ws_client.py`, pinned to core 1).
 
 Needs: wrk (`apt-get install -y wrk`), uvicorn (the `bench` extra), Linux taskset.
 """
@@ -89,6 +91,12 @@ def running(argv: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
             proc.wait(10)
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wrk(port: int, seconds: int) -> tuple[float, str]:
     out = subprocess.run(
         ["taskset", "-c", CLIENT_CORE, "wrk", "-t1", "-c64", f"-d{seconds}s",
@@ -138,37 +146,59 @@ def main() -> int:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine()}")
     only = set(filter(None, args.only.split(",")))
     results: dict[str, list[float]] = {}
+    per_cpu: dict[str, list[float]] = {}
     for round_no in range(1, args.rounds + 1):
         port = free_port()
         for name, argv in http_servers(port).items():
             if only and name not in only:
                 continue
-            with running(argv, port):
+            with running(argv, port) as proc:
                 wrk(port, WARMUP_SECONDS)
+                cpu_before = cpu_seconds(proc.pid)
                 rps, errors = wrk(port, args.duration)
+                cpu = cpu_seconds(proc.pid) - cpu_before
             results.setdefault(name, []).append(rps)
-            print(f"round {round_no} {name}: {rps:,.0f} req/s {errors}", flush=True)
+            efficiency = rps * args.duration / cpu if cpu > 0 else 0.0
+            per_cpu.setdefault(name, []).append(efficiency)
+            print(
+                f"round {round_no} {name}: {rps:,.0f} req/s, server CPU {cpu:.1f}s "
+                f"of {args.duration}s, {efficiency:,.0f} req per CPU-second {errors}",
+                flush=True,
+            )
         if args.ws:
             for name, argv in ws_servers(port).items():
                 if only and name not in only:
                     continue
-                with running(argv, port):
+                with running(argv, port) as proc:
+                    cpu_before = cpu_seconds(proc.pid)
                     msgs = ws_client(port, args.duration)
+                    cpu = cpu_seconds(proc.pid) - cpu_before
                 results.setdefault(name, []).append(msgs)
-                print(f"round {round_no} {name}: {msgs:,.0f} msgs/s", flush=True)
+                # the client warms up for 1 s before it counts, inside the CPU window
+                efficiency = msgs * (args.duration + 1) / cpu if cpu > 0 else 0.0
+                per_cpu.setdefault(name, []).append(efficiency)
+                print(
+                    f"round {round_no} {name}: {msgs:,.0f} msgs/s, "
+                    f"{efficiency:,.0f} msgs per CPU-second",
+                    flush=True,
+                )
     medians = {name: statistics.median(values) for name, values in results.items()}
-    print("\n| server | runs | median |\n|---|---|---|")
+    cpu_medians = {name: statistics.median(values) for name, values in per_cpu.items()}
+    print("\n| server | runs (per s) | median | per CPU-second, median |\n|---|---|---|---|")
     for name, values in results.items():
         runs = ", ".join(f"{v / 1000:.1f}k" for v in values)
-        print(f"| {name} | {runs} | {medians[name] / 1000:.1f}k |")
-    sc = medians.get("server_core")
-    if sc:
-        for peer in ("uvicorn", "bare_protocol"):
-            if medians.get(peer):
-                print(f"server_core / {peer}: {sc / medians[peer]:.2f}x")
-    if medians.get("server_core_ws") and medians.get("websockets_ws"):
-        ratio = medians["server_core_ws"] / medians["websockets_ws"]
-        print(f"server_core_ws / websockets_ws: {ratio:.2f}x")
+        print(
+            f"| {name} | {runs} | {medians[name] / 1000:.1f}k "
+            f"| {cpu_medians[name] / 1000:.1f}k |"
+        )
+    pairs = [("server_core", "uvicorn"), ("server_core", "bare_protocol"),
+             ("server_core_ws", "websockets_ws")]
+    for ours, peer in pairs:
+        if medians.get(ours) and medians.get(peer):
+            print(
+                f"{ours} / {peer}: {medians[ours] / medians[peer]:.2f}x throughput, "
+                f"{cpu_medians[ours] / cpu_medians[peer]:.2f}x per CPU-second"
+            )
     print(f"load average at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     return 0
 

@@ -143,12 +143,16 @@ class HttpConnection(Connection):
             self._linger()
             return
         state = self._state
-        if state == HEAD:
-            # No request completed in this chunk, so all of it belongs to this head
-            # (this also catches one endless header line, which httptools buffers).
+        if state in (HEAD, BODY):
+            # No request completed in this chunk, so all of it belongs to the current
+            # one. This bounds what httptools buffers without telling us: one endless
+            # header line, or endless chunked-body trailers.
             self._chunk_bytes += len(data)
-            if self._chunk_bytes > self.server.max_header_bytes:
-                self._fail(431)
+            if state == HEAD:
+                if self._chunk_bytes > server.max_header_bytes:
+                    self._fail(431)
+            elif self._chunk_bytes > server.max_header_bytes + server.max_body_bytes:
+                self._fail(413)
         elif self._pending is not None:
             # Bytes for later requests pile up while this one is handled: bound them.
             self._backlog_bytes += len(data)
