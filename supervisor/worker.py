@@ -412,6 +412,8 @@ class Worker:
                     # STARTING -> RUNNING: READY=1 / first passing check / started
                     self._set_state(WorkerState.RUNNING, "ready", message=self._ready_how())
                     proc.last_ping = now
+                    if self.health == "failing":
+                        self._health_failed()  # it failed while starting: no news will come
                     continue
                 if now >= deadline_ready:
                     self._replace_reason = f"not ready within {self.spec.ready_timeout:g}s"
@@ -759,13 +761,19 @@ class Worker:
         elif health == "failing":
             self._publish("unhealthy", reason)
             if self._state is WorkerState.RUNNING:
-                if self.spec.health.on_failure == "restart":
-                    self.replace(f"health check failing: {reason}")
-                elif not self._unready_reason:
-                    self._unready_reason = f"health check failing: {reason}"
-                    self._publish("unready", self._unready_reason)
+                self._health_failed()
+            # while STARTING, ready_timeout rules; the failure is applied once RUNNING
         self._wakeup.set()
         self._changed()
+
+    def _health_failed(self) -> None:
+        """Apply on_failure to a RUNNING worker whose health is failing."""
+        reason = f"health check failing: {self.health_reason}"
+        if self.spec.health.on_failure == "restart":
+            self.replace(reason)
+        elif not self._unready_reason:
+            self._unready_reason = reason
+            self._publish("unready", reason)
 
     def _on_notify(self, message: NotifyMessage) -> None:
         proc = self._proc

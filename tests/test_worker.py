@@ -403,3 +403,19 @@ def test_tree_sampler_sums_children() -> None:
     second = sampler.sample()
     assert second is not None and second.cpu_seconds >= first.cpu_seconds
     assert TreeSampler(2**22 + 12345).sample() is None  # no such process
+
+
+async def test_health_failing_before_ready_applies_once_running(tmp_path: Path) -> None:
+    flag = tmp_path / "fail"
+    flag.touch()
+    async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
+        svc = await sup.add_service(worker_spec(
+            "late", "--health-fail-file", str(flag), "--ready-delay", "1.0",
+            health=health(on_failure="unready")))
+        worker = svc.workers[0]
+        await wait_for(lambda: worker.health == "failing", 10, "failing while starting")
+        await wait_for(lambda: worker.state is WorkerState.RUNNING, 10, "READY=1")
+        assert not worker.ready
+        assert "health check failing" in events_of(sup.events, "unready", "late:0")[0].message
+        flag.unlink()
+        await wait_for(lambda: worker.ready, 5, "ready once passing")
