@@ -406,7 +406,11 @@ def _parse_app_metric(entry: Any) -> tuple[str, str, dict[str, str], float] | No
     labels = {
         sanitize_label(str(k)): str(v)[:MAX_LABEL_VALUE] for k, v in raw_labels.items()
     }
-    return APP_PREFIX + base, kind, labels, float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a double: JSON puts no limit on them
+        return None
+    return APP_PREFIX + base, kind, labels, number
 
 
 # -- the text format ------------------------------------------------------------------------

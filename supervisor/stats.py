@@ -18,6 +18,7 @@ Nothing here blocks for long: a sample reads /proc a few times per process.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Any
 
 import psutil
 
+#: At most this many user metrics are kept per worker (a report is untrusted input).
+MAX_METRICS = 1000
 #: CPU counts as a percentage of one core (like `top`), so 2 busy cores read 200 %.
 PERCENT = 100.0
 
@@ -83,11 +86,31 @@ class TreeSampler:
         return TreeSample(rss, cpu, percent, fds, threads, alive)
 
 
+#: Counts are int64 in the control API: a worker reporting more is lying (and would
+#: break `svctl status` for every service), so such a value counts as malformed.
+INT64_MAX = 2**63 - 1
+
+
 def _int(value: Any) -> int:
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
         return 0
+    return number if -INT64_MAX <= number <= INT64_MAX else 0
+
+
+def _metric(entry: Any) -> dict[str, Any] | None:
+    """A user metric from an untrusted report, or None: a named, finite, double value."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        return None
+    value = entry.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a double
+        return None
+    return entry if math.isfinite(number) else None
 
 
 @dataclass
@@ -117,7 +140,11 @@ class WorkerStats:
         self.num_threads = sample.num_threads
 
     def apply_report(self, report: Mapping[str, Any], now: float) -> None:
-        """Fold one X_SVCD_STATS report in; unknown or malformed fields are ignored."""
+        """Fold one X_SVCD_STATS report in; never raises: the report is untrusted input.
+
+        Malformed or out-of-range counts read as 0; metrics without a string name and
+        a finite numeric value (one a double holds) are dropped.
+        """
         if "connections" in report:
             self.connections = _int(report["connections"])
         if "requests" in report:
@@ -137,10 +164,11 @@ class WorkerStats:
         if "bytes_out" in report:
             self.bytes_out = _int(report["bytes_out"])
         metrics = report.get("metrics")
+        if isinstance(metrics, Mapping):
+            metrics = [{"name": str(k), "value": v} for k, v in metrics.items()]
         if isinstance(metrics, list):
-            self.metrics = [m for m in metrics if isinstance(m, dict)]
-        elif isinstance(metrics, Mapping):
-            self.metrics = [{"name": str(k), "value": v} for k, v in metrics.items()]
+            kept = (_metric(m) for m in metrics[:MAX_METRICS])
+            self.metrics = [m for m in kept if m is not None]
 
     #: qps is averaged over at least this many seconds of reports.
     QPS_WINDOW = 1.0
