@@ -392,6 +392,14 @@ def test_stats_reports_and_qps() -> None:
     assert stats.metrics == [{"name": "jobs", "type": "counter", "value": 5}]
     stats.apply_report({"requests": 5, "connections": "bad"}, now=13.0)  # counter restarted
     assert stats.requests == 5 and stats.connections == 0
+    stats.apply_report(
+        {"connections": float("inf"), "requests": 10**30,
+         "metrics": [{"name": "big", "value": 10**400}, {"name": "nan", "value": float("nan")},
+                     {"name": 1, "value": 1}, {"name": "ok", "value": 1.5}]},
+        now=14.0,
+    )
+    assert stats.connections == 0 and stats.requests == 0
+    assert stats.metrics == [{"name": "ok", "value": 1.5}]
 
 
 def test_tree_sampler_sums_children() -> None:
