@@ -11,6 +11,11 @@ server: on a machine shared with other work that is the steadier figure of effic
 `--ws` adds WebSocket echo messages/s: server_core's ws:// echo against the `websockets`
 library's own server, both driven by the same client (`ws_client.py`, pinned to core 1).
 
+`--drain` measures the drain instead: `examples/hello.py --count 2` (prefork: one
+shared socket) under `wrk -t1 -c50 -d12s`, SIGTERM to one child at 3 s and to the
+other at 7 s (the parent starts a replacement each time, as svcd's reload does);
+it prints wrk's socket errors and non-2xx count, which should be zero.
+
 Needs: wrk (`apt-get install -y wrk`), uvicorn (the `bench` extra), Linux taskset.
 """
 
@@ -119,6 +124,33 @@ def ws_client(port: int, seconds: int) -> float:
     return float(out.strip().splitlines()[-1])
 
 
+def drain(seconds: int = 12) -> int:
+    """SIGTERM each of two prefork children under wrk; returns the error count."""
+    port = free_port()
+    argv = [PY, str(REPO / "examples" / "hello.py"), "--count", "2",
+            "--listen", f"http://127.0.0.1:{port}"]
+    with running(argv, port) as parent:
+        wrk_proc = subprocess.Popen(
+            ["wrk", "-t1", "-c50", f"-d{seconds}s", f"http://127.0.0.1:{port}/"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        for at in (3, 7):
+            time.sleep(at - (3 if at == 7 else 0))
+            children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+            victim = int(children[0])
+            os.kill(victim, 15)
+            print(f"t={at}s: SIGTERM to worker pid {victim}", flush=True)
+        out, _ = wrk_proc.communicate(timeout=seconds + 30)
+    print(out)
+    errors = 0
+    for match in re.finditer(r"(connect|read|write|timeout) (\d+)", out):
+        errors += int(match.group(2))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    print(f"drain: {errors} errors")
+    return errors
+
+
 def machine() -> str:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -139,11 +171,14 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--ws", action="store_true", help="also WebSocket echo msgs/s")
     parser.add_argument("--only", default="", help="comma-separated server names")
+    parser.add_argument("--drain", action="store_true", help="measure the drain only")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is missing: apt-get install -y wrk", file=sys.stderr)
         return 2
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}  {machine()}")
+    if args.drain:
+        return 1 if drain() else 0
     only = set(filter(None, args.only.split(",")))
     results: dict[str, list[float]] = {}
     per_cpu: dict[str, list[float]] = {}
