@@ -182,3 +182,61 @@ async def test_request_object_available_on_connect() -> None:
             await ws.recv()
     assert seen[0].path == "/feed"
     assert seen[0].query_param("token") == "abc"
+
+
+async def raw_websocket(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        get(
+            "/",
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+        )
+    )
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    return reader, writer
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    mask = b"\x11\x22\x33\x44"
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x80 | opcode, 0x80 | len(payload)]) + mask + body
+
+
+async def close_code(reader: asyncio.StreamReader) -> int:
+    """Read frames until the server's close frame; its status code."""
+    async with asyncio.timeout(5):
+        while True:
+            head = await reader.readexactly(2)
+            payload = await reader.readexactly(head[1] & 0x7F)
+            if head[0] & 0x0F == 0x8:
+                return int.from_bytes(payload[:2], "big")
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (masked(0x1, b"\xff\xfe"), 1007),  # invalid UTF-8 in a text message
+        (bytes([0x81, 0x02]) + b"hi", 1002),  # a client frame without a mask
+        (masked(0x0, b"orphan"), 1002),  # a continuation with nothing to continue
+    ],
+)
+async def test_protocol_violations_close_with_the_right_code(frame: bytes, code: int) -> None:
+    worker = echo_worker()
+    errors: list[BaseException] = []
+    worker.on_error(lambda conn, exc: errors.append(exc))
+    async with serving(worker) as port:
+        reader, writer = await raw_websocket(port)
+        try:
+            writer.write(frame)
+            assert await close_code(reader) == code
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # and the server closes TCP
+        finally:
+            writer.close()
+        async with ws_connect(f"ws://127.0.0.1:{port}/") as ws:  # the worker is fine
+            await ws.send("still ok")
+            assert await ws.recv() == "still ok"
+    assert errors

@@ -423,6 +423,12 @@ class HttpConnection(Connection):
             return
         websocket.accept(self, request, rest)
 
+    def _refuse_upgrade(self, response: bytes) -> None:
+        """Answer a bad WebSocket handshake with `response` (a full 4xx) and close."""
+        self._closing = True
+        self._write(response)
+        self._linger()
+
     def _detach(self) -> None:
         """The transport now belongs to another protocol object (after an upgrade)."""
         self._closed = True
