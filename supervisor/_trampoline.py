@@ -168,6 +168,9 @@ def main() -> None:
         env[b"LISTEN_FDS"] = str(nfds).encode()
         if private.get(b"FDNAMES"):
             env[b"LISTEN_FDNAMES"] = private[b"FDNAMES"]
+    if env.get(b"WATCHDOG_USEC"):
+        # like LISTEN_PID: only the child knows its pid, and sd_watchdog_enabled checks it
+        env[b"WATCHDOG_PID"] = str(posix.getpid()).encode()
 
     # Python ignores these at startup; ignored dispositions survive exec.
     _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)

@@ -133,7 +133,9 @@ class EventBus:
     def history(self) -> list[Event]:
         return list(self._history)
 
-    def subscribe(self, *, replay: Iterable[Event] = (), maxsize: int = SUBSCRIBER_QUEUE) -> Subscription:
+    def subscribe(
+        self, *, replay: Iterable[Event] = (), maxsize: int = SUBSCRIBER_QUEUE
+    ) -> Subscription:
         """Start receiving events; `replay` is pushed first (e.g. `history()`)."""
         sub = Subscription(self, maxsize)
         for event in replay:

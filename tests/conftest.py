@@ -42,7 +42,7 @@ def no_leaked_children() -> Iterator[None]:
     left = leaked()
     if left:
         # give exiting children a moment (bounded), then fail and clean up
-        gone, alive = psutil.wait_procs(left, timeout=3)
+        _gone, alive = psutil.wait_procs(left, timeout=3)
         if alive:
             names = [f"{p.pid}:{' '.join(p.cmdline()[:3])}" for p in alive]
             for p in alive:

@@ -17,7 +17,9 @@ class GiveUp(Exception):
 
 
 async def wait_for(
-    predicate: Callable[[], T | Awaitable[T]], timeout: float = 10.0, what: str = ""
+    predicate: Callable[[], T | Awaitable[T]],
+    timeout: float = 10.0,  # noqa: ASYNC109 - the deadline is this helper's whole point
+    what: str = "",
 ) -> T:
     """Poll `predicate` until it returns a truthy value; return that value.
 
@@ -36,12 +38,10 @@ async def wait_for(
                 return value  # type: ignore[return-value]
         except GiveUp:
             raise
-        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+        except Exception as exc:
             last_error = exc
         if time.monotonic() >= deadline:
-            if last_error is not None:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}") from last_error
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from last_error
         await asyncio.sleep(POLL)
 
 
@@ -56,7 +56,7 @@ def wait_for_sync(predicate: Callable[[], T], timeout: float = 10.0, what: str =
                 return value
         except GiveUp:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             last_error = exc
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}") from last_error
