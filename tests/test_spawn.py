@@ -185,6 +185,14 @@ def test_no_listen_variables_without_fds() -> None:
     assert "LISTEN_FDS" not in child_env and "LISTEN_PID" not in child_env
 
 
+def test_watchdog_pid_is_the_workers_own() -> None:
+    env = {**clean_environ(os.environ), "WATCHDOG_USEC": "2000000"}
+    data, pid = report(env=env)
+    child_env = data["env"]
+    assert isinstance(child_env, dict)
+    assert child_env["WATCHDOG_PID"] == str(pid)
+
+
 def test_agent_environment_does_not_leak() -> None:
     agent_env = {
         **os.environ,
