@@ -283,7 +283,12 @@ class KillFigures:
             "figures": f"{self.sent} requests sent, {self.failed} failed "
             f"({self.failed / max(self.kills, 1):.1f} per kill, at most "
             f"{self.most_failures_per_kill}), {len(self.unexplained)} unexplained; "
-            f"{self.kills} kills; kill → replacement ready: {summary(self.replaced)}",
+            f"{self.kills} kills; kill → replacement ready: {summary(self.replaced)}"
+            + (
+                f" ({self.not_replaced_in_time} took longer than the kill interval)"
+                if self.not_replaced_in_time
+                else ""
+            ),
         }
 
 
