@@ -148,8 +148,14 @@ def run(worker: Worker) -> int:
     if inherited:
         names = ", ".join(f"{name}(fd {sock.fileno()})" for name, sock in inherited)
         log.info("%s: serving inherited sockets %s", worker.address.scheme, names)
+        if worker.count > 1:
+            log.info("count=%d ignored: the supervisor runs the copies", worker.count)
         return serve_in_process(worker, [sock for _, sock in inherited], notifier, watchdog)
-    sock = bind(worker.address, worker.backlog)
+    try:
+        sock = bind(worker.address, worker.backlog)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", worker.address, exc)
+        return 1
     log.info("%s: listening on %s", worker.address, sock.getsockname())
     if worker.count > 1:
         return prefork(worker, sock, notifier)
