@@ -165,6 +165,15 @@ def test_reload_rolls_and_broken_config_is_rejected(tmp_path: Path) -> None:
         assert agent.svctl("reload").returncode == 0
         wait_for_sync(lambda: len(agent.worker_pids("api")) == 3, 15, "scaled to 3 by reload")
 
+        # the operator undoes the deploy: the config before this one comes back
+        undo = agent.svctl("reload", "--previous")
+        assert undo.returncode == 0, undo.stdout + undo.stderr
+        wait_for_sync(lambda: len(agent.worker_pids("api")) == 2, 15, "back to 2 workers")
+        history = list((agent.tmp / "state" / "configs").glob("*.json"))
+        assert len(history) >= 3
+        outcomes = [json.loads(p.read_text())["outcome"] for p in history]
+        assert "ok" in outcomes
+
 
 def test_check_config_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
