@@ -299,7 +299,8 @@ class Worker:
             self._stop_monitor(proc)
             self._unready_reason = ""
             self.health, self.health_reason = "unknown", ""
-            self._start_monitor(proc)
+            if self._judged_by_health():
+                self._start_monitor(proc)
         self._changed()
 
     def status(self) -> WorkerStatus:
@@ -412,7 +413,9 @@ class Worker:
                     # STARTING -> RUNNING: READY=1 / first passing check / started
                     self._set_state(WorkerState.RUNNING, "ready", message=self._ready_how())
                     proc.last_ping = now
-                    if self.health == "failing":
+                    if proc.monitor is None:
+                        self._start_monitor(proc)  # checks judge a worker once it is ready
+                    elif self.health == "failing":
                         self._health_failed()  # it failed while starting: no news will come
                     continue
                 if now >= deadline_ready:
@@ -518,8 +521,19 @@ class Worker:
             message=f"spawned {' '.join(spec.command)}",
             restarts=self.restarts,
         )
-        self._start_monitor(proc)
+        if self._judged_by_health():
+            self._start_monitor(proc)
         return proc
+
+    def _judged_by_health(self) -> bool:
+        """Whether the health monitor runs now.
+
+        With ready = "health" the checks decide readiness, so they run from the spawn.
+        Otherwise they start at READY=1 (or "started"): a worker that is still loading
+        is the ready timeout's business, and failures counted before it could answer
+        would replace a slow starter the moment it became ready, in a loop to fatal.
+        """
+        return self.spec.ready == "health" or self._state is WorkerState.RUNNING
 
     def _child_env(self, file_env: Mapping[str, str], notify_path: str) -> dict[str, str]:
         spec = self.spec
@@ -562,6 +576,9 @@ class Worker:
             await asyncio.wait([proc.exited], timeout=spec.deregister_delay)
         if not proc.exited.done():
             signal_group(proc.pid, _signal_number(spec.stop_signal))
+            # like systemd: a SIGSTOPped worker must wake up to act on the stop signal,
+            # or it would cost the whole graceful_timeout before the SIGKILL
+            signal_group(proc.pid, signal.SIGCONT)
             await asyncio.wait([proc.exited], timeout=spec.graceful_timeout)
         if not proc.exited.done():
             log.warning(

@@ -139,6 +139,19 @@ async def test_sigterm_ignored_gets_sigkill(tmp_path: Path) -> None:
         assert svc.status().state == "stopped"
 
 
+async def test_a_stopped_worker_is_woken_to_drain_not_killed(tmp_path: Path) -> None:
+    async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
+        svc = await sup.add_service(worker_spec("frozen", graceful_timeout=30))
+        await svc.wait_ready(10)
+        pid = svc.workers[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        await svc.stop()
+        assert gone(pid)
+        exited = events_of(sup.events, "exited", "frozen:0")[-1]
+        assert exited.fields.get("signal") != "SIGKILL"  # SIGCONT let it act on SIGTERM
+        assert not any(e.fields.get("kill") for e in events_of(sup.events, "stopping"))
+
+
 async def test_socket_survives_restart_client_is_queued(tmp_path: Path) -> None:
     async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
         spec = worker_spec("web")
@@ -413,7 +426,7 @@ def test_tree_sampler_sums_children() -> None:
     assert TreeSampler(2**22 + 12345).sample() is None  # no such process
 
 
-async def test_health_failing_before_ready_applies_once_running(tmp_path: Path) -> None:
+async def test_health_judges_a_notify_worker_once_it_is_ready(tmp_path: Path) -> None:
     flag = tmp_path / "fail"
     flag.touch()
     async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
@@ -421,9 +434,10 @@ async def test_health_failing_before_ready_applies_once_running(tmp_path: Path) 
             "late", "--health-fail-file", str(flag), "--ready-delay", "1.0",
             health=health(on_failure="unready")))
         worker = svc.workers[0]
-        await wait_for(lambda: worker.health == "failing", 10, "failing while starting")
         await wait_for(lambda: worker.state is WorkerState.RUNNING, 10, "READY=1")
-        assert not worker.ready
+        assert worker.health == "unknown"  # nothing was counted while it was loading
+        await wait_for(lambda: worker.health == "failing", 10, "failing once running")
+        await wait_for(lambda: not worker.ready, 10, "unready")
         assert "health check failing" in events_of(sup.events, "unready", "late:0")[0].message
         flag.unlink()
         await wait_for(lambda: worker.ready, 5, "ready once passing")
