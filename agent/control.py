@@ -22,8 +22,11 @@ Invariants:
 - The socket's directory is owned by the agent's user (or root) and writable by no one
   else (created 0700 if absent); the socket appears with its final mode (bound under a
   temporary name, chmod-ed, then renamed into place).
-- The splice is bounded: at most MAX_CONNECTIONS at once, and each side stops reading
-  while the other side's write buffer is full (transport flow control).
+- The splice is bounded: at most MAX_CONNECTIONS allowed callers at once, and each side
+  stops reading while the other side's write buffer is full (transport flow control).
+- Refused callers have a budget of their own (MAX_REFUSED_CONNECTIONS; a new one closes
+  the oldest), so a refused user holding idle connections on a socket opened wider
+  (mode 0666, a group) can never take the allowed callers' places.
 - The probe listener (plaintext TCP, for kubelet gRPC probes) serves Health only.
 - Health statuses come from `core.health_targets()`, recomputed on every event and at
   least every HEALTH_REFRESH seconds; only changes are pushed (Watch streams see them).
@@ -74,8 +77,12 @@ MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 MAX_SEND_BYTES = 64 * 1024 * 1024
 #: RPCs handled at once per server; more wait (grpc answers RESOURCE_EXHAUSTED).
 MAX_CONCURRENT_RPCS = 256
-#: Client connections spliced at once on the control socket; more are closed at once.
+#: Allowed callers' connections spliced at once on the control socket; more are closed
+#: at once.
 MAX_CONNECTIONS = 256
+#: Refused callers' connections kept at once (each only gets PERMISSION_DENIED); a new
+#: one closes the oldest, so the latest refused caller still gets a clear answer.
+MAX_REFUSED_CONNECTIONS = 16
 #: Health statuses are recomputed at least this often (seconds), besides on events.
 HEALTH_REFRESH = 1.0
 #: Seconds in-flight RPCs get at stop before they are cancelled.
@@ -216,6 +223,7 @@ class _Front(_Pipe):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self._server._fronts.discard(self)
+        self._server._refused_fronts.pop(self, None)
 
 
 async def _deny(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -343,6 +351,7 @@ class ControlServer:
         tls_ca: str | None = None,
         roles: Mapping[str, str] | None = None,
         max_connections: int = MAX_CONNECTIONS,
+        max_refused: int = MAX_REFUSED_CONNECTIONS,
     ) -> None:
         self.core = core
         self.socket_path = Path(os.path.abspath(socket_path))
@@ -360,6 +369,7 @@ class ControlServer:
         if unknown:
             raise ControlSocketError(f"unknown control roles {unknown}: use read or admin")
         self.max_connections = max_connections
+        self.max_refused = max_refused
         #: bound ports (useful when the address asked for port 0)
         self.probe_port: int | None = None
         self.tcp_port: int | None = None
@@ -370,7 +380,9 @@ class ControlServer:
         self._front: asyncio.AbstractServer | None = None
         self._servers: list[grpc.aio.Server] = []
         self._pipes: set[_Pipe] = set()
-        self._fronts: set[_Front] = set()  # accepted client connections still open
+        self._fronts: set[_Front] = set()  # allowed callers' connections still open
+        # refused callers' connections still open, oldest first (a dict keeps the order)
+        self._refused_fronts: dict[_Front, None] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._socket_ino: int | None = None
         self.refused = 0  # connections refused by the peer check (for tests/metrics)
@@ -606,12 +618,13 @@ class ControlServer:
         return gid in self.allow_gids or bool(self.allow_gids & set(groups))
 
     def _route(self, front: _Front) -> None:
+        """Check the peer, then splice it to the agent's server or the denying one.
+
+        The credentials are read before any limit applies: allowed and refused callers
+        are counted apart, so refused ones can only crowd out each other.
+        """
         assert front.transport is not None
         transport = front.transport
-        if len(self._fronts) >= self.max_connections:
-            log.warning("control socket: %d connections open, refusing more", len(self._fronts))
-            transport.close()
-            return
         sock = transport.get_extra_info("socket")
         try:
             pid, uid, gid = _peer_credentials(sock)
@@ -621,13 +634,26 @@ class ControlServer:
             transport.close()
             return
         if self.allowed(uid, gid, groups):
+            if len(self._fronts) >= self.max_connections:
+                log.warning("control socket: %d connections open, refusing more", len(self._fronts))
+                transport.close()
+                return
+            self._fronts.add(front)
             target = self._agent_sock
         else:
             self.refused += 1
             log.warning("control socket: refused pid %d uid %d gid %d", pid, uid, gid)
+            self._make_room_for_refused()
+            self._refused_fronts[front] = None
             target = self._denied_sock
-        self._fronts.add(front)
         self._spawn(self._connect_upstream(front, target))
+
+    def _make_room_for_refused(self) -> None:
+        """Close the oldest refused connections until one more fits in their budget."""
+        while self._refused_fronts and len(self._refused_fronts) >= self.max_refused:
+            oldest = next(iter(self._refused_fronts))
+            del self._refused_fronts[oldest]  # now: its connection_lost comes later
+            oldest.close()
 
     async def _connect_upstream(self, front: _Front, target: str) -> None:
         loop = asyncio.get_running_loop()

@@ -376,6 +376,41 @@ async def test_connections_beyond_the_limit_are_closed(
         assert (await asvctl(sock_path, "probe", "live")).returncode == 0
 
 
+@needs_root
+async def test_refused_callers_have_their_own_budget(
+    core: AgentCore, tmp_path: Path, open_dir: Path
+) -> None:
+    """A refused user holding many idle connections closes only its own oldest ones:
+    allowed callers keep every place, and a fresh refused caller still gets exit 4."""
+    path = open_dir / "svcd.sock"
+    hold = (
+        "import socket, sys, time\n"
+        "socks = []\n"
+        "for _ in range(8):\n"
+        "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); socks.append(s)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            sys.executable, "-c", hold, str(path)]  # fmt: skip
+    async with ControlServer(core, path, mode=0o666, max_connections=2, max_refused=3) as srv:
+        holder = await asyncio.to_thread(
+            subprocess.Popen, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert holder.stdout is not None
+            assert await asyncio.to_thread(holder.stdout.readline) == "held\n"
+            await wait_for(lambda: srv.refused == 8, TIMEOUT, "eight refused connections")
+            assert len(srv._refused_fronts) <= 3 and not srv._fronts
+            assert (await asvctl(path, "probe", "live")).returncode == 0
+            result = await asvctl(path, "status", as_nobody=True)
+            assert result.returncode == 4, result
+        finally:
+            holder.kill()
+            await asyncio.to_thread(holder.wait, TIMEOUT)
+        await wait_for(lambda: not srv._refused_fronts, TIMEOUT, "refused connections gone")
+
+
 async def test_garbage_on_the_socket_does_not_hurt(server: ControlServer, sock_path: Path) -> None:
     reader, writer = await asyncio.open_unix_connection(str(sock_path))
     writer.write(os.urandom(64 * 1024))

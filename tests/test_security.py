@@ -204,11 +204,6 @@ def _gid_exists(gid: int) -> bool:
 
 
 @needs_root
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: agent/control.py ControlServer._route counts refused peers against "
-    "MAX_CONNECTIONS, so a refused local user holding idle connections locks root out",
-)
 def test_a_refused_user_cannot_exhaust_the_connection_limit(open_base: Path) -> None:
     port = free_port()
     agent = AgentProcess(open_base, service("api", port), 'control_socket_mode = "0666"')
