@@ -9,7 +9,10 @@ can drive directly. This module only
   (`svctl` maps those codes to its exit codes);
 - bounds what it hands out: streams are driven by the client's pace (grpc.aio's
   flow control), a reload that a client stops watching keeps running to the end
-  (abandoning a rollout halfway would be worse than finishing it).
+  (abandoning a rollout halfway would be worse than finishing it);
+- hands the registry's secrets (`REGISTRY_SECRETS`: the etcd password, the client key
+  path) only to callers its `may_see_secrets` predicate admits: everyone on the unix
+  socket (its callers passed the uid check), admins only on the TCP listener.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import grpc
@@ -55,6 +58,18 @@ ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 PROBE_KINDS = ("live", "ready")
+
+#: RegistryInfoResponse fields that let a caller act on etcd as the agent: cleared for
+#: callers that may not see secrets (the TCP `read` role). The username, the endpoints
+#: and the CA stay: they say where etcd is, not how to write to it.
+REGISTRY_SECRETS = ("password", "key")
+
+#: Decides, per call, whether the caller may see REGISTRY_SECRETS.
+SecretsPolicy = Callable[[grpc.aio.ServicerContext[Any, Any]], bool]
+
+
+def _everyone(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    return True
 
 
 def status_code_for(exc: BaseException) -> grpc.StatusCode | None:
@@ -171,8 +186,9 @@ def log_message(line: LogLine) -> pb.LogLine:
 class AgentServicer:
     """svcd.v1.Agent over an AgentCore. Method names are the proto's (gRPC dispatch)."""
 
-    def __init__(self, core: AgentCore) -> None:
+    def __init__(self, core: AgentCore, *, may_see_secrets: SecretsPolicy = _everyone) -> None:
         self._core = core
+        self._may_see_secrets = may_see_secrets
         # reloads whose client went away: kept referenced until they finish
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -322,6 +338,9 @@ class AgentServicer:
                 return pb.RegistryInfoResponse(enabled=False)
             out = cast(pb.RegistryInfoResponse, fill(pb.RegistryInfoResponse(), info))
             out.enabled = True
+            if not self._may_see_secrets(context):
+                for name in REGISTRY_SECRETS:
+                    out.ClearField(name)
             return out
         raise AssertionError("unreachable")
 

@@ -252,7 +252,8 @@ class _DenyEverything(_GenericHandler):
 
 
 #: What the `read` role may call on the TCP control listener (status, events, logs,
-#: discover); `admin` may call everything.
+#: discover); `admin` may call everything. RegistryInfo answers `read` without the
+#: etcd secrets (agent.api.REGISTRY_SECRETS).
 READ_METHODS = frozenset(
     f"/{AGENT_SERVICE_NAME}/{m}" for m in ("Status", "Logs", "Events", "Probe", "RegistryInfo")
 )
@@ -425,7 +426,12 @@ class ControlServer:
         if self.tcp_address is not None:
             # its own server: its callers are known by certificate, not by uid
             tcp = self._new_server(interceptors=[_RoleCheck(self.roles)])
-            AgentServicer(self.core).add_to_server(tcp)
+            roles = self.roles
+
+            def is_admin(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+                return role_of(context.auth_context(), roles) == "admin"
+
+            AgentServicer(self.core, may_see_secrets=is_admin).add_to_server(tcp)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, tcp)
             reflection.enable_server_reflection(
                 (AGENT_SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), tcp

@@ -21,7 +21,7 @@ from agent._pb import agent_pb2 as pb
 from agent._pb import agent_pb2_grpc
 from agent.cli import to_dict
 from agent.control import ControlServer
-from agent.core import AgentCore
+from agent.core import AgentCore, RegistryInfo
 from agent.errors import ActionFailed, ConfigRejected, InvalidRequest
 from supervisor.errors import ListenerError, ReloadFailed, UnknownService
 from tests.agent_proc import worker_command
@@ -372,6 +372,30 @@ async def test_probe(agent: Agent) -> None:
 async def test_registry_info_without_registry(agent: Agent) -> None:
     reply = await agent.stub.RegistryInfo(pb.RegistryInfoRequest(), timeout=TIMEOUT)
     assert not reply.enabled and not reply.endpoints
+
+
+class _RegistryCore:
+    """Just what RegistryInfo asks of the core."""
+
+    def registry_info(self) -> RegistryInfo:
+        return RegistryInfo(
+            endpoints=["https://127.0.0.1:2379"], prefix="/svcd", ca_cert="/etc/ca.pem",
+            cert="/etc/c.pem", key="/etc/c.key", username="svcd", password="s3cret",
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("may_see", [True, False])
+async def test_registry_info_secrets_follow_the_policy(may_see: bool) -> None:
+    """The read role (policy False) learns where etcd is, never the password or key."""
+    servicer = api.AgentServicer(_RegistryCore(), may_see_secrets=lambda _: may_see)  # type: ignore[arg-type]
+    context: Any = None  # the policy is the servicer's only use of the context here
+    reply = await servicer.RegistryInfo(pb.RegistryInfoRequest(), context)
+    assert reply.enabled and list(reply.endpoints) == ["https://127.0.0.1:2379"]
+    assert (reply.prefix, reply.ca_cert, reply.cert, reply.username) == (
+        "/svcd", "/etc/ca.pem", "/etc/c.pem", "svcd",
+    )  # fmt: skip
+    assert (reply.password, reply.key) == (("s3cret", "/etc/c.key") if may_see else ("", ""))
+    assert set(api.REGISTRY_SECRETS) == {"password", "key"}
 
 
 # ---------------------------------------------------------------- the error table

@@ -230,17 +230,22 @@ def test_a_refused_user_cannot_exhaust_the_connection_limit(open_base: Path) -> 
 
 
 @needs_root
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: RegistryInfo (agent/api.py, allowed to the `read` role by "
-    "agent/control.py READ_METHODS) hands the etcd password to read-only callers",
-)
 def test_a_read_only_tcp_caller_does_not_get_the_etcd_password(tmp_path: Path, pki: Path) -> None:
     agent = AgentProcess(tmp_path, "", _tcp_control(pki, free_port()), _registry_with_password())
     with agent:
         reply = _registry_info_over_tls(agent, pki, "reader-1")
         assert reply.endpoints  # the read role may learn where etcd is...
         assert reply.password == ""  # ...but not how to write to it
+        # admins and the unix socket (svctl discover) keep the credentials
+        assert _registry_info_over_tls(agent, pki, "admin-1").password == PASSWORD
+        with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
+            raw = unary(
+                channel, "/svcd.v1.Agent/RegistryInfo", pb.RegistryInfoRequest().SerializeToString()
+            )
+        assert pb.RegistryInfoResponse.FromString(raw).password == PASSWORD
+
+
+PASSWORD = "s3cret-etcd-password"
 
 
 def _registry_with_password() -> str:
