@@ -38,6 +38,7 @@ import os
 import pwd
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -143,27 +144,74 @@ class _Ended:
     spawn_error: str = ""
 
 
+#: Largest env_file read, the same bound as one config file (agent.config): the agent
+#: reads it on its event loop, at every spawn.
+MAX_ENV_FILE_BYTES = 1024 * 1024
+
+
 def read_env_file(path: str) -> dict[str, str]:
     """KEY=VALUE lines (systemd EnvironmentFile style): `#` comments, optional `export`,
-    optional matching quotes around the value. Raises OSError/ValueError naming the line.
+    optional matching quotes around the value. Raises OSError/ValueError naming the
+    file (and the line), which fails the spawn.
+
+    The file must be a regular file of at most MAX_ENV_FILE_BYTES (see
+    `_read_env_bytes`). Symlinks are followed: a link to an env file is normal.
     """
+    try:
+        text = _read_env_bytes(path).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: env_file is not UTF-8 (byte {exc.start})") from None
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line or line.startswith(("#", ";")):
-                continue
-            if line.startswith("export "):
-                line = line[len("export ") :].lstrip()
-            key, sep, value = line.partition("=")
-            key = key.strip()
-            if not sep or not key.replace("_", "a").isalnum():
-                raise ValueError(f"{path}:{number}: not KEY=VALUE")
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-                value = value[1:-1]
-            out[key] = value
+    # universal newlines, as open() in text mode reads them
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("export "):
+            line = line[len("export ") :].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "a").isalnum():
+            raise ValueError(f"{path}:{number}: not KEY=VALUE")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[key] = value
     return out
+
+
+def _read_env_bytes(path: str) -> bytes:
+    """The bytes of an env_file, which must be a regular file of bounded size.
+
+    It is read on the agent's loop and may be owned by the application's user, who can
+    swap it: it is opened non-blocking (a FIFO there cannot hang the open) and checked
+    with fstat before a byte is read (a FIFO or a device such as /dev/zero is refused
+    with ValueError, not read forever).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path}: env_file is not a regular file")
+        too_big = f"{path}: env_file is larger than {MAX_ENV_FILE_BYTES} bytes"
+        if info.st_size > MAX_ENV_FILE_BYTES:
+            raise ValueError(too_big)
+        chunks: list[bytes] = []
+        size = 0
+        # bounded: every pass reads at least one byte, MAX_ENV_FILE_BYTES + 1 in all
+        # (the file may grow after fstat)
+        while size <= MAX_ENV_FILE_BYTES:
+            chunk = os.read(fd, MAX_ENV_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_ENV_FILE_BYTES:
+            raise ValueError(too_big)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 class Worker:

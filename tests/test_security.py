@@ -652,11 +652,6 @@ def urllib_open(port: int) -> Iterator[str]:
         yield resp.read().decode()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: supervisor/worker.py read_env_file opens and reads env_file on the "
-    "agent's loop with no file-type or size check: a FIFO there hangs the agent",
-)
 def test_an_env_file_swapped_for_a_fifo_does_not_hang_the_agent(tmp_path: Path) -> None:
     """env_file is often owned by the application's user, who may replace it."""
     env_file = tmp_path / "app.env"
@@ -671,6 +666,10 @@ def test_an_env_file_swapped_for_a_fifo_does_not_hang_the_agent(tmp_path: Path) 
         try:
             result = agent.svctl("--timeout", "5", "probe", "live", timeout=30)
             assert result.returncode == 0, result.stderr
+            # the restart fails like any spawn failure, with the reason in the events
+            wait_for_sync(
+                lambda: "not a regular file" in agent.svctl("events").stdout, WAIT, "spawn failed"
+            )
         finally:
             # unblock an agent stuck in open(): a writer that closes at once
             fd = os.open(env_file, os.O_WRONLY | os.O_NONBLOCK) if _has_reader(env_file) else -1

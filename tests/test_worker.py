@@ -16,6 +16,7 @@ from supervisor.spec import BackoffSpec, HealthSpec
 from supervisor.states import WorkerState
 from supervisor.stats import TreeSampler, WorkerStats
 from supervisor.supervisor import Supervisor
+from supervisor.worker import MAX_ENV_FILE_BYTES, read_env_file
 from tests.programs.harness import (
     FAST_BACKOFF,
     events_of,
@@ -441,3 +442,48 @@ async def test_health_judges_a_notify_worker_once_it_is_ready(tmp_path: Path) ->
         assert "health check failing" in events_of(sup.events, "unready", "late:0")[0].message
         flag.unlink()
         await wait_for(lambda: worker.ready, 5, "ready once passing")
+
+
+# ---------------------------------------------------------------- env_file
+
+
+def test_read_env_file_parses_systemd_style_lines(tmp_path: Path) -> None:
+    path = tmp_path / "app.env"
+    path.write_text("# comment\n; comment\nA=1\r\nexport B = 'two words'\nC=\"x\"\n\n")
+    link = tmp_path / "link.env"
+    link.symlink_to(path)  # a link to an env file is normal: followed
+    assert read_env_file(str(link)) == {"A": "1", "B": "two words", "C": "x"}
+    path.write_text("A=1\nnot a pair\n")
+    with pytest.raises(ValueError, match=r"app\.env:2: not KEY=VALUE"):
+        read_env_file(str(path))
+    path.write_bytes(b"A=\xff\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        read_env_file(str(path))
+
+
+def test_read_env_file_refuses_what_is_not_a_small_regular_file(tmp_path: Path) -> None:
+    """A FIFO would hang the agent's loop, /dev/zero would fill its memory."""
+    fifo = tmp_path / "fifo.env"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero", str(tmp_path)):
+        with pytest.raises(ValueError, match="not a regular file"):
+            read_env_file(path)
+    at_limit = tmp_path / "at-limit.env"
+    at_limit.write_bytes(b"A=" + b"x" * (MAX_ENV_FILE_BYTES - 3) + b"\n")
+    assert len(read_env_file(str(at_limit))["A"]) == MAX_ENV_FILE_BYTES - 3
+    too_big = tmp_path / "big.env"
+    too_big.write_bytes(b"A=" + b"x" * MAX_ENV_FILE_BYTES)
+    with pytest.raises(ValueError, match="larger than"):
+        read_env_file(str(too_big))
+
+
+async def test_an_env_file_that_is_a_fifo_fails_the_spawn_not_the_agent(tmp_path: Path) -> None:
+    fifo = tmp_path / "app.env"
+    os.mkfifo(fifo)
+    async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
+        svc = await sup.add_service(worker_spec("fifo", env_file=str(fifo)))
+        worker = svc.workers[0]
+        await wait_for(lambda: worker.state is WorkerState.FATAL, 5, "fatal")
+        assert "not a regular file" in events_of(sup.events, "fatal", "fifo:0")[0].message
+        ok = await sup.add_service(worker_spec("ok"))  # the loop is free: others start
+        await ok.wait_ready(10)
