@@ -106,6 +106,8 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "svcd_service_generation",
         "svcd_reloads_total",
         "svcd_reload_failures_total",
+        "svcd_log_lines_dropped_total",
+        "svcd_log_lines_cut_total",
         "svcd_registry_connected",
         "svcd_registry_enabled",
         "svcd_agent_info",
@@ -250,6 +252,16 @@ class MetricsCollector:
             "svcd_reload_failures", "Rolling reloads that failed and were rolled back.",
             labels=SERVICE_LABELS,
         )
+        # a full disk or a flood loses file lines, never supervision: count it visibly
+        dropped = CounterMetricFamily(
+            "svcd_log_lines_dropped",
+            "Captured worker output lines the service's log file could not take.",
+            labels=SERVICE_LABELS,
+        )
+        cut = CounterMetricFamily(
+            "svcd_log_lines_cut", "Worker output lines cut at the service's max_line.",
+            labels=SERVICE_LABELS,
+        )
         for svc in services:
             label = [svc.name]
             required = required_ready(svc)
@@ -264,8 +276,10 @@ class MetricsCollector:
                 state.add_metric([svc.name, name], float(svc.state == name))
             reloads_total.add_metric(label, float(reloads.get(svc.name, svc.reloads)))
             failures_total.add_metric(label, float(failures.get(svc.name, 0)))
+            dropped.add_metric(label, float(svc.log_lines_dropped))
+            cut.add_metric(label, float(svc.log_lines_cut))
         yield from families.values()
-        yield from (state, reloads_total, failures_total)
+        yield from (state, reloads_total, failures_total, dropped, cut)
 
         connected = self._registry_connected()
         registry = GaugeMetricFamily(

@@ -216,6 +216,8 @@ class Service:
             reloads=self.reloads,
             advertise=self.spec.advertise or "",
             meta=dict(self.spec.meta),
+            log_lines_dropped=self.logs.dropped,
+            log_lines_cut=self.logs.cut,
         )
 
     @property

@@ -59,6 +59,8 @@ class ServiceStatus:
     reloads: int = 0
     advertise: str = ""
     meta: dict[str, str] = field(default_factory=dict)
+    log_lines_dropped: int = 0  # lines the log file could not take (LogStore.dropped)
+    log_lines_cut: int = 0  # lines cut at LogSpec.max_line (LogStore.cut)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from supervisor.logs import CUT_MARK, FOLLOW_QUEUE, SVCD_STREAM, LineSplitter, LogStore
 from supervisor.reaper import Reaper
 from supervisor.spawn import SpawnRequest, clean_environ, spawn
-from supervisor.spec import LogSpec
+from supervisor.spec import LogSpec, ServiceSpec
 from supervisor.status import LogLine
+from tests.programs.harness import running
 from tests.waiting import wait_for
 
 WAIT = 10.0
@@ -470,3 +471,18 @@ async def test_attach_after_close_closes_the_fd(store: LogStore) -> None:
     with pytest.raises(OSError):
         os.fstat(r)
     os.close(w)
+
+
+async def test_a_services_status_counts_its_dropped_and_cut_lines(tmp_path: Path) -> None:
+    """LogStore.dropped and .cut reach ServiceStatus (and from there the metrics)."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "chatty.log").symlink_to("/dev/full")  # every write: ENOSPC
+    code = "import sys, time; print('a\\nb\\n' + 'x' * 300, flush=True); time.sleep(60)"
+    spec = ServiceSpec(
+        name="chatty", command=(sys.executable, "-c", code), ready="started",
+        graceful_timeout=5.0, logs=LogSpec(max_line=100),
+    )  # fmt: skip
+    async with asyncio.timeout(WAIT * 3), running(tmp_path) as sup:
+        svc = await sup.add_service(spec)
+        await wait_for(lambda: svc.status().log_lines_dropped == 3, WAIT, "3 dropped lines")
+        assert svc.status().log_lines_cut == 1

@@ -131,7 +131,8 @@ def labels_of(samples: Samples, name: str) -> list[dict[str, str]]:
 
 
 def test_every_spec_series_with_labels_and_values() -> None:
-    statuses = [service("api", [worker(0), worker(1, ready=False, connections=0)])]
+    statuses = [service("api", [worker(0), worker(1, ready=False, connections=0)],
+                        log_lines_dropped=7, log_lines_cut=3)]  # fmt: skip
     collector = MetricsCollector(
         lambda: statuses, reloads=lambda: {"api": 4}, registry_connected=lambda: True,
         reload_failures=lambda: {"api": 1},
@@ -173,6 +174,8 @@ def test_every_spec_series_with_labels_and_values() -> None:
     assert value(s, "svcd_service_state", service="api", state="running") == 1
     assert value(s, "svcd_reloads_total", service="api") == 4
     assert value(s, "svcd_reload_failures_total", service="api") == 1
+    assert value(s, "svcd_log_lines_dropped_total", service="api") == 7
+    assert value(s, "svcd_log_lines_cut_total", service="api") == 3
     assert value(s, "svcd_registry_connected") == 1
     assert value(s, "svcd_registry_enabled") == 1
 
@@ -194,6 +197,8 @@ def test_configured_service_is_exported_from_the_start() -> None:
     _, s = scrape(MetricsCollector(lambda: statuses, reloads=lambda: {}))
     assert value(s, "svcd_reloads_total", service="api") == 0
     assert value(s, "svcd_reload_failures_total", service="api") == 0
+    assert value(s, "svcd_log_lines_dropped_total", service="api") == 0
+    assert value(s, "svcd_log_lines_cut_total", service="api") == 0
     assert value(s, "svcd_service_ready_workers", service="api") == 0
     assert value(s, "svcd_service_desired_workers", service="api") == 2
     assert value(s, "svcd_registry_connected") == 0
