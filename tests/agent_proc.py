@@ -1,4 +1,9 @@
-"""Run a real `svcd` process and `svctl` commands against it, for end-to-end tests."""
+"""Run a real `svcd` process and `svctl` commands against it, for end-to-end tests.
+
+`with AgentProcess(...) as agent:` never leaves an agent behind: a start that fails
+(the socket or readiness never comes) stops the agent and closes its stderr file
+before the error propagates.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 
@@ -17,6 +22,9 @@ from tests.waiting import GiveUp, wait_for_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 HTTP_WORKER = ROOT / "tests" / "programs" / "http_worker.py"
+#: Seconds `start()` waits for the control socket, then for `svctl probe ready`.
+SOCKET_WAIT = 20.0
+READY_WAIT = 30.0
 
 
 def worker_command(*args: str) -> str:
@@ -48,6 +56,8 @@ class AgentProcess:
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr_path = tmp / "svcd.stderr"
+        self._stderr: IO[bytes] | None = None
+        self.ready_wait = READY_WAIT  # tests of a failing start may shorten it
 
     def start(self, wait_ready: bool = True) -> AgentProcess:
         env = dict(os.environ)
@@ -60,9 +70,13 @@ class AgentProcess:
             env=env,
             cwd=ROOT,
         )
-        wait_for_sync(lambda: os.path.exists(self.socket) or self._died(), 20, "control socket")
+        wait_for_sync(
+            lambda: os.path.exists(self.socket) or self._died(), SOCKET_WAIT, "control socket"
+        )
         if wait_ready:
-            wait_for_sync(lambda: self.svctl("probe", "ready").returncode == 0, 30, "agent ready")
+            wait_for_sync(
+                lambda: self.svctl("probe", "ready").returncode == 0, self.ready_wait, "agent ready"
+            )
         return self
 
     def _died(self) -> bool:
@@ -100,24 +114,39 @@ class AgentProcess:
     def descendants(self) -> list[psutil.Process]:
         assert self.proc is not None
         try:
-            return psutil.Process(self.proc.pid).children(recursive=True)
+            children: list[psutil.Process] = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+        return children
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
         try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(5)
-        self._stderr.close()
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+            try:
+                code = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                code = self.proc.wait(5)
+        finally:
+            self._close_stderr()
         return code
 
+    def _close_stderr(self) -> None:
+        if self._stderr is not None:
+            self._stderr.close()
+
     def __enter__(self) -> AgentProcess:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            # __exit__ will not run: stop what start() left running, then re-raise
+            if self.proc is not None:
+                self.stop()
+            else:
+                self._close_stderr()  # Popen itself failed
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

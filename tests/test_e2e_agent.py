@@ -19,7 +19,7 @@ from tests.waiting import wait_for_sync
 
 pytestmark = pytest.mark.slow
 
-WORKER_FIELDS = {
+WORKER_FIELDS: dict[str, type | tuple[type, ...]] = {
     "worker": str,
     "index": int,
     "pid": int,
@@ -39,7 +39,8 @@ WORKER_FIELDS = {
 
 def http_get(port: int, path: str = "/") -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-        return resp.read().decode().strip()
+        body: bytes = resp.read()
+    return body.decode().strip()
 
 
 def services_toml(port: int, count: int = 2, args: tuple[str, ...] = ()) -> str:
@@ -209,3 +210,13 @@ def test_second_agent_on_the_same_socket_is_refused_clearly(tmp_path: Path) -> N
         assert "another svcd is running" in second.stderr
         assert "Traceback" not in second.stderr
         assert agent.svctl("probe", "ready").returncode == 0  # the first one is untouched
+
+
+def test_a_failed_start_leaves_no_agent_running(tmp_path: Path) -> None:
+    """tests/agent_proc.py: when readiness never comes, `with` stops the agent itself."""
+    agent = AgentProcess(tmp_path, services_toml(free_port(), count=1, args=("--never-ready",)))
+    agent.ready_wait = 1.0
+    with pytest.raises(AssertionError, match="agent ready"), agent:
+        raise AssertionError("unreachable: the agent never becomes ready")
+    assert agent.proc is not None and agent.proc.poll() is not None
+    assert agent._stderr is not None and agent._stderr.closed
