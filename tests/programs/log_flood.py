@@ -6,6 +6,8 @@ Run it with `ready = "started"` (it speaks no sd_notify). Once `--wait-file` exi
 - `--burst-mb M`: M MiB of 1 KiB lines as fast as the pipe takes them;
 - `--long-line-mb M`: M MiB without a newline, then one newline;
 then `flood done` on stderr, and it sleeps until SIGTERM (default action: exit).
+`--quiet-worker N`: worker N (SVCD_WORKER) writes only QUIET_LINES numbered lines and
+no burst, beside its chatty siblings.
 Every loop is bounded by its count or by WAIT_LIMIT.
 """
 
@@ -20,6 +22,7 @@ MIB = 1024 * 1024
 BURST_LINE = 1024
 CHUNK = 64 * 1024
 POLL = 0.02
+QUIET_LINES = 10
 #: Longest wait for --wait-file, and for SIGTERM at the end (seconds).
 WAIT_LIMIT = 600.0
 
@@ -37,8 +40,12 @@ def main() -> int:
     p.add_argument("--line-bytes", type=int, default=100)
     p.add_argument("--burst-mb", type=int, default=0)
     p.add_argument("--long-line-mb", type=int, default=0)
+    p.add_argument("--quiet-worker", type=int, default=None)
     args = p.parse_args()
     worker = os.environ.get("SVCD_WORKER", "?")
+    if worker == str(args.quiet_worker):
+        args.lines = min(args.lines, QUIET_LINES)
+        args.burst_mb = args.long_line_mb = 0
     print(f"flood worker {worker} pid {os.getpid()} waiting", flush=True)
     deadline = time.monotonic() + WAIT_LIMIT
     while args.wait_file and not os.path.exists(args.wait_file):
