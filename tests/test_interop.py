@@ -195,9 +195,10 @@ def core_command() -> list[str]:
 
 def gunicorn_command(app: str = "wsgi_app:app", *options: str) -> list[str]:
     # --graceful-timeout below svcd's graceful_timeout: gunicorn finishes its drain
-    # (and exits 0) before svcd would SIGKILL it
+    # (and exits 0) before svcd would SIGKILL it. --no-control-socket: every arbiter
+    # would otherwise serve the same per-user socket path (docs/workers.md)
     return [str(GUNICORN), "--workers", "1", "--graceful-timeout", "10",
-            "--chdir", str(PROGRAMS), *options, app]
+            "--no-control-socket", "--chdir", str(PROGRAMS), *options, app]
 
 
 def uvicorn_command() -> list[str]:
@@ -379,3 +380,34 @@ def test_uvicorn_launcher_sets_tcp_nodelay_and_uvicorn_fd_does_not(tmp_path: Pat
         assert agent.worker_pids("launcher")
     assert nodelay["launcher"] != 0
     assert nodelay["fd"] == 0
+
+
+# --- readiness by tcp check ---------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="supervisor: a tcp check on the private svcd-health listener passes for a "
+    "process that never accepts (the listener is bound and listening before the worker "
+    "runs, so the kernel completes every handshake); ready = 'health' + kind = 'tcp' "
+    "is 'started'. A fix: after connecting, wait until the agent's copy of the listener "
+    "shows an empty accept queue (TCP_INFO tcpi_unacked == 0 on a listening socket): the "
+    "worker accepted.",
+)
+def test_tcp_health_readiness_needs_a_worker_that_accepts(tmp_path: Path) -> None:
+    port = free_port()
+    never_accepts = [sys.executable, "-c", "import time; time.sleep(60)"]
+    toml = service_toml(
+        "web", never_accepts, port,
+        'ready = "health"\n[services.web.health]\nkind = "tcp"\ninterval = 0.5\nrise = 1\n',
+    ).replace("ready_timeout = 20", "ready_timeout = 2")
+    agent = AgentProcess(tmp_path, toml).start(wait_ready=False)
+    try:
+        # expected: never ready, so replaced after ready_timeout
+        wait_for_sync(
+            lambda: any("not ready within" in str(e.get("message", "")) for e in events(agent)),
+            SERVE_WITHIN, "the worker that never accepts to be found not ready",
+        )
+    finally:
+        agent.stop()

@@ -15,6 +15,8 @@ Systems (each the way its users run it):
 - `svcd-core-surge2`: the same with `max_surge = 2` (both slots roll at once)
 - `svcd-gunicorn`: svcd + `gunicorn --preload --workers 1` per svcd worker, `svctl reload`
 - `svcd-uvicorn`: svcd + tests/programs/uvicorn_launcher.py, `svctl reload`
+- `svcd-uvicorn-fd` (only with `--only`): svcd + `uvicorn --fd 3`, `ready = "started"`:
+  what the launcher is for
 - `gunicorn`: `gunicorn --workers 2` (sync), `kill -HUP` the arbiter
 - `uvicorn`: `uvicorn --workers 2`, `kill -HUP` the supervisor process
 - `pm2-cluster`: `pm2 start hello.js -i 2`, `pm2 reload`
@@ -310,8 +312,8 @@ class SvcdGunicorn(Svcd):
     def start(self) -> None:
         # --preload: the arbiter imports the app before it sends READY=1 (docs/workers.md)
         self.worker = [self.tools["gunicorn"], "--preload", "--workers", "1",
-                       "--graceful-timeout", str(GRACEFUL), "--chdir", str(PROGRAMS),
-                       "wsgi_app:app"]
+                       "--graceful-timeout", str(GRACEFUL), "--no-control-socket",
+                       "--chdir", str(PROGRAMS), "wsgi_app:app"]
         super().start()
 
 
@@ -319,6 +321,16 @@ class SvcdUvicorn(Svcd):
     name = "svcd-uvicorn"
     worker = [PYTHON, str(PROGRAMS / "uvicorn_launcher.py"), "--app-dir", str(PROGRAMS),
               "--drain-timeout", str(GRACEFUL), "asgi_app:app"]
+
+
+class SvcdUvicornFd(Svcd):
+    """`uvicorn --fd 3` under svcd: what the launcher avoids (no TCP_NODELAY, no READY=1)."""
+
+    name = "svcd-uvicorn-fd"
+    worker = [str(VENV_BIN / "uvicorn"), "--fd", "3", "--no-access-log",
+              "--timeout-graceful-shutdown", str(GRACEFUL), "--app-dir", str(PROGRAMS),
+              "asgi_app:app"]
+    service_extra = 'ready = "started"\n'
 
 
 class Gunicorn(System):
@@ -460,9 +472,11 @@ class Circus(System):
 
 SYSTEMS: dict[str, type[System]] = {
     cls.name: cls
-    for cls in (SvcdCore, SvcdCoreSurge2, SvcdGunicorn, SvcdUvicorn,
+    for cls in (SvcdCore, SvcdCoreSurge2, SvcdGunicorn, SvcdUvicorn, SvcdUvicornFd,
                 Gunicorn, Uvicorn, Pm2Cluster, Circus)
 }
+#: run only when named in --only: they show what not to do, not a peer
+OPT_IN = ("svcd-uvicorn-fd",)
 SVCD_SYSTEMS = ("svcd-core", "svcd-gunicorn")
 
 
@@ -559,6 +573,7 @@ class Run:
     wrk: Wrk
     reload_s: list[float] = field(default_factory=list)
     pids_changed: bool = True
+    loadavg: float = 0.0  # 1-minute load average at the start: other work on the machine
 
 
 def one_run(system: System, wrk: str, reload: bool) -> Run:
@@ -566,7 +581,7 @@ def one_run(system: System, wrk: str, reload: bool) -> Run:
             f"http://127.0.0.1:{system.port}/"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     start = time.monotonic()
-    run = Run(Wrk())
+    run = Run(Wrk(), loadavg=round(os.getloadavg()[0], 2))
     try:
         if reload:
             for at in RELOAD_AT:
@@ -642,8 +657,10 @@ def bench_system(cls: type[System], tools: dict[str, str], tmp: Path,
         "reload_command": command,
         "loadavg_at_start": [round(x, 2) for x in loadavg],
         "steady": asdict(steady.wrk) | {"errors": steady.wrk.errors},
+        "steady_loadavg": steady.loadavg,
         "runs": [asdict(r.wrk) | {"errors": r.wrk.errors, "reload_s": r.reload_s,
-                                  "pids_changed": r.pids_changed} for r in runs],
+                                  "pids_changed": r.pids_changed, "loadavg": r.loadavg}
+                 for r in runs],
         "reloads": len(reload_s),
         "errors_total": sum(r.wrk.errors for r in runs),
         "errors_median_per_run": median([r.wrk.errors for r in runs]),
@@ -704,6 +721,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10, help="reload runs per svcd system")
     parser.add_argument("--peer-rounds", type=int, default=3, help="reload runs per peer")
     parser.add_argument("--only", default="", help="comma-separated system names")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
     tools = peers()
     tools.setdefault("wrk", shutil.which("wrk") or "")
@@ -711,7 +729,7 @@ def main() -> int:
     if not tools["wrk"]:
         print("wrk not found: run bench/peers/install.sh", file=sys.stderr)
         return 1
-    names = [n for n in args.only.split(",") if n] or list(SYSTEMS)
+    names = [n for n in args.only.split(",") if n] or [n for n in SYSTEMS if n not in OPT_IN]
     results: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
     with run_dir() as tmp:
@@ -740,12 +758,12 @@ def main() -> int:
         "results": results,
         "skipped": skipped,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
     print(table(results))
     for name, why in skipped.items():
         print(f"skipped {name}: {why}")
-    print(f"details: {RESULTS.relative_to(REPO)}")
+    print(f"details: {args.out}")
     return 0
 
 
