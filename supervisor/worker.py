@@ -73,6 +73,10 @@ MEMORY_STRIKES = 3
 #: After SIGKILL, how long to wait for the reaper before declaring the process stuck
 #: (uninterruptible sleep); the reaper still collects it whenever it goes.
 KILL_REAP_TIMEOUT = 10.0
+#: SVCD_DRAIN_TIMEOUT: the worker's own drain bound ends this long before the SIGKILL...
+DRAIN_MARGIN = 1.0
+#: ...but never below this share of graceful_timeout (short timeouts).
+DRAIN_SHARE = 0.8
 #: After the main process is gone, how long to wait for the rest of its (SIGKILLed)
 #: process group to vanish, and how often to look.
 GROUP_EXIT_WAIT = 1.0
@@ -594,6 +598,7 @@ class Worker:
         env["NOTIFY_SOCKET"] = notify_path
         if spec.watchdog:
             env["WATCHDOG_USEC"] = str(int(spec.watchdog * 1_000_000))
+        env["SVCD_DRAIN_TIMEOUT"] = f"{drain_timeout(spec.graceful_timeout):g}"
         return env
 
     def _ready_condition(self, proc: _Process) -> bool:
@@ -916,6 +921,15 @@ def _group_alive(pgid: int) -> bool:
 def _status(exited: asyncio.Future[ExitStatus]) -> ExitStatus | None:
     """The exit status, or None when the reaper was closed before the process ended."""
     return None if exited.cancelled() else exited.result()
+
+
+def drain_timeout(graceful_timeout: float) -> float:
+    """The drain bound a worker is told: a little under the SIGKILL deadline.
+
+    A worker that gives up draining on its own can still close its connections
+    cleanly and exit; one that is SIGKILLed mid-drain resets them.
+    """
+    return max(graceful_timeout * DRAIN_SHARE, graceful_timeout - DRAIN_MARGIN)
 
 
 def _signal_number(name: str) -> signal.Signals:

@@ -189,6 +189,8 @@ async def test_worker_cannot_send_ready_for_another(
         path = victim_env["NOTIFY_SOCKET"]
         assert path != agent_own and "WATCHDOG_USEC" not in victim_env
         assert victim_env["SVCD_SERVICE"] == "victim" and victim_env["SVCD_WORKER"] == "0"
+        graceful = victim.spec.graceful_timeout
+        assert 0 < float(victim_env["SVCD_DRAIN_TIMEOUT"]) < graceful  # drains before SIGKILL
         liar = await sup.add_service(worker_spec("liar", "--notify-to", path))
         lworker = liar.workers[0]
         await wait_for(lambda: lworker.pid, 5, "liar pid")
