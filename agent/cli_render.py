@@ -114,6 +114,14 @@ def _service_table(svc: dict[str, Any]) -> Table:
     workers = svc["workers"]
     for w in workers:
         table.add_row(*_worker_row(w))
+    endings = [
+        f"{w['worker']} last ended: {w['last_exit_reason']}"
+        for w in workers
+        if w.get("last_exit_reason") and w["restarts"]
+    ]
+    if endings:
+        table.caption = "\n".join(endings)
+        table.caption_justify = "left"
     alive = [w for w in workers if w["pid"]]
     table.add_section()
     table.add_row(

@@ -38,6 +38,7 @@ class WorkerStatus:
     health_reason: str = ""
     status_text: str = ""  # last STATUS= from sd_notify
     last_exit: str = ""  # "code 1" / "signal SIGKILL" / ""
+    last_exit_reason: str = ""  # how the last process ended, in words, with why it was replaced
     exit_counts: dict[str, int] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)  # user counters/gauges
     num_fds: int = 0

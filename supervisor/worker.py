@@ -384,6 +384,7 @@ class Worker:
             health_reason=self.health_reason or self._unready_reason,
             status_text=self.status_text,
             last_exit=self.last_exit,
+            last_exit_reason=self.end_reason,
             exit_counts=dict(self.exit_counts),
             metrics=list(stats.metrics),
             num_fds=stats.num_fds if alive else 0,

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 from typing import Any
 
 import grpc
@@ -38,18 +39,20 @@ SILENT_WORKER = PROGRAMS / "silent_worker.py"
 PER_WORKER = PROGRAMS / "per_worker.py"
 HTTP_WORKER = PROGRAMS / "http_worker.py"
 
+Completed = CompletedProcess[str]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 #: Per-RPC bound of the health client.
 RPC_TIMEOUT = 5.0
 #: Scheduling slack on a loaded 2-core machine, added to every computed bound: one
 #: Python spawn (import + bind) plus the agent's loop latency under load.
-SLACK = 2.5
+SLACK = 3.0
 #: Generous deadline for conditions that need a worker (re)spawned and ready.
 WAIT = 30.0
-#: Fast health settings shared by the tests (seconds / counts).
-INTERVAL = 0.5
-TIMEOUT = 0.3
+#: Health settings shared by the tests (seconds / counts): fast, yet a timeout long
+#: enough that a healthy worker does not fail three in a row on a loaded machine.
+INTERVAL = 1.0
+TIMEOUT = 0.8
 FALL = 3
 RISE = 2
 START_PERIOD = 20.0
@@ -58,6 +61,29 @@ START_PERIOD = 20.0
 def argv(program: Path, *args: str) -> str:
     """TOML array literal: run `program` with this interpreter."""
     return json.dumps([sys.executable, str(program), *args])
+
+
+#: Deadline of every svctl call: the machine these run on may be loaded by other suites,
+#: and a slow answer is not what these tests measure (svctl's own default is 10 s).
+QUERY_DEADLINE = 60.0
+
+
+def svctl(agent: AgentProcess, *args: str, timeout: float = QUERY_DEADLINE) -> Completed:
+    return agent.svctl("--timeout", str(timeout), *args, timeout=timeout + 30)
+
+
+def agent_status(agent: AgentProcess) -> dict[str, Any]:
+    out = svctl(agent, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def worker_pids(agent: AgentProcess, service: str) -> list[int]:
+    for svc in agent_status(agent)["services"]:
+        if svc["name"] == service:
+            return [w["pid"] for w in svc["workers"] if w["pid"]]
+    raise KeyError(service)
+
 
 
 def health_table(service: str, **overrides: Any) -> str:
@@ -95,7 +121,7 @@ def running(
 
 
 def events(agent: AgentProcess) -> list[dict[str, Any]]:
-    out = agent.svctl("events", "--json")
+    out = svctl(agent, "events", "--json")
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
@@ -119,7 +145,7 @@ def count(evts: list[dict[str, Any]], kind: str, name: str) -> int:
 
 
 def worker(agent: AgentProcess, service: str, name: str) -> dict[str, Any]:
-    for svc in agent.status()["services"]:
+    for svc in agent_status(agent)["services"]:
         if svc["name"] == service:
             for w in svc["workers"]:
                 if w["worker"] == name:
@@ -128,7 +154,7 @@ def worker(agent: AgentProcess, service: str, name: str) -> dict[str, Any]:
 
 
 def service_status(agent: AgentProcess, service: str) -> dict[str, Any]:
-    for svc in agent.status()["services"]:
+    for svc in agent_status(agent)["services"]:
         if svc["name"] == service:
             return svc  # type: ignore[no-any-return]
     raise KeyError(service)
@@ -142,7 +168,7 @@ def first(evts: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
 
 
 def probe(agent: AgentProcess, *args: str) -> int:
-    return agent.svctl("probe", *args).returncode
+    return svctl(agent, "probe", *args).returncode
 
 
 def check(channel: grpc.Channel, service: str) -> int:
@@ -264,7 +290,7 @@ graceful_timeout = 5
                 ),
                 WAIT, f"{name} passing",
             )
-        pids = {n: agent.worker_pids(n) for n in ("strict", "relaxed")}
+        pids = {n: worker_pids(agent, n) for n in ("strict", "relaxed")}
         for name in ("strict", "relaxed"):
             (tmp_path / f"fail-{name}-1").touch()
 
@@ -291,12 +317,12 @@ graceful_timeout = 5
 
         # kept running: several times fall x interval later, same pids, no restart
         since = time.monotonic()
-        hold = 3 * FALL * INTERVAL
+        hold = 2 * FALL * INTERVAL
 
         def held() -> bool:
             for n in ("strict", "relaxed"):
-                if agent.worker_pids(n) != pids[n]:
-                    raise GiveUp(f"{n} workers were restarted: {pids[n]} -> {agent.worker_pids(n)}")
+                if worker_pids(agent, n) != pids[n]:
+                    raise GiveUp(f"{n} restarted: {pids[n]} -> {worker_pids(agent, n)}")
             return time.monotonic() - since >= hold
 
         wait_for_sync(held, hold + WAIT, "unready workers kept running")
@@ -314,7 +340,7 @@ graceful_timeout = 5
         wait_for_sync(lambda: check(channel, "strict") == SERVING, WAIT, "strict SERVING")
         wait_for_sync(lambda: check(channel, "readiness") == SERVING, WAIT, "readiness SERVING")
         assert probe(agent, "ready") == 0
-        assert {n: agent.worker_pids(n) for n in pids} == pids
+        assert {n: worker_pids(agent, n) for n in pids} == pids
         evts = events(agent)
         mine = [e for e in evts if e["worker"] == "strict:1"]
         kinds = [e["type"] for e in mine]
@@ -397,13 +423,6 @@ graceful_timeout = 5
         assert lean["restarts"] == 0 and lean["state"] == "running", lean
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the max_memory reason is only in events; svctl status of the replaced "
-    "worker says last_exit 'code 0' and nothing about max_memory (issue 5: 'with the reason "
-    "in events and status'); supervisor/worker.py _reaped keeps end_reason but "
-    "Worker.status() does not export it",
-)
 def test_max_memory_reason_shows_in_status(tmp_path: Path) -> None:
     services = f"""
 [services.hog]
@@ -414,7 +433,7 @@ graceful_timeout = 5
     with running(tmp_path, services, wait_ready=False) as agent:
         wait_for_sync(lambda: worker(agent, "hog", "hog:0")["restarts"] >= 1, WAIT, "replaced")
         shown = json.dumps(worker(agent, "hog", "hog:0"))
-        table = agent.svctl("status", "hog").stdout
+        table = svctl(agent, "status", "hog").stdout
         assert "max_memory" in shown, shown
         assert "max_memory" in table, table
 
@@ -429,7 +448,7 @@ def test_stock_grpc_health_client_on_the_probe_port(tmp_path: Path) -> None:
     probe_port = free_port()
     sick = tmp_path / "all-sick"
     # a sick worker never passes: its grace (start_period) ends by time, then fall counts
-    fast = {"interval": 0.3, "timeout": 0.2, "rise": 1, "fall": 2, "start_period": 2}
+    fast = {"interval": 0.5, "timeout": 0.45, "rise": 1, "fall": 2, "start_period": 2}
     services = f"""
 [services.api]
 command = {worker_command("--health-fail-file", str(sick))}
@@ -463,7 +482,7 @@ max = 0.5
             assert probe(agent, "ready", "api") == 0 and probe(agent, "ready", "nope") == 2
 
             # stop: the service and readiness flip, liveness and the other service do not
-            assert agent.svctl("stop", "api").returncode == 0
+            assert svctl(agent, "stop", "api").returncode == 0
             watch["api"].wait_last(NOT_SERVING, "Watch api NOT_SERVING after stop")
             watch["readiness"].wait_last(NOT_SERVING, "Watch readiness NOT_SERVING")
             assert check(channel, "api") == NOT_SERVING
@@ -473,7 +492,7 @@ max = 0.5
             assert probe(agent, "ready", "web") == 0 and probe(agent, "live") == 0
 
             # start: back to SERVING, through Check and Watch
-            assert agent.svctl("start", "api").returncode == 0
+            assert svctl(agent, "start", "api").returncode == 0
             watch["api"].wait_last(SERVING, "Watch api SERVING after start")
             watch["readiness"].wait_last(SERVING, "Watch readiness SERVING after start")
             assert check(channel, "api") == SERVING and check(channel, "readiness") == SERVING

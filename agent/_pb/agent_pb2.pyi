@@ -28,7 +28,7 @@ class AgentInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., uptime_s: _Optional[float] = ..., registry: _Optional[str] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker", "index", "pid", "generation", "state", "ready", "health", "restarts", "uptime_s", "rss_bytes", "cpu_percent", "connections", "requests", "qps", "cpu_seconds", "send_fail", "timers", "bytes_in", "bytes_out", "started_at", "health_reason", "status_text", "last_exit", "exit_counts", "metrics", "num_fds", "num_threads")
+    __slots__ = ("worker", "index", "pid", "generation", "state", "ready", "health", "restarts", "uptime_s", "rss_bytes", "cpu_percent", "connections", "requests", "qps", "cpu_seconds", "send_fail", "timers", "bytes_in", "bytes_out", "started_at", "health_reason", "status_text", "last_exit", "exit_counts", "metrics", "num_fds", "num_threads", "last_exit_reason")
     class ExitCountsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class WorkerStatus(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     NUM_FDS_FIELD_NUMBER: _ClassVar[int]
     NUM_THREADS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXIT_REASON_FIELD_NUMBER: _ClassVar[int]
     worker: str
     index: int
     pid: int
@@ -90,10 +91,11 @@ class WorkerStatus(_message.Message):
     metrics: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
     num_fds: int
     num_threads: int
-    def __init__(self, worker: _Optional[str] = ..., index: _Optional[int] = ..., pid: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[str] = ..., ready: _Optional[bool] = ..., health: _Optional[str] = ..., restarts: _Optional[int] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., connections: _Optional[int] = ..., requests: _Optional[int] = ..., qps: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., send_fail: _Optional[int] = ..., timers: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., started_at: _Optional[float] = ..., health_reason: _Optional[str] = ..., status_text: _Optional[str] = ..., last_exit: _Optional[str] = ..., exit_counts: _Optional[_Mapping[str, int]] = ..., metrics: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., num_fds: _Optional[int] = ..., num_threads: _Optional[int] = ...) -> None: ...
+    last_exit_reason: str
+    def __init__(self, worker: _Optional[str] = ..., index: _Optional[int] = ..., pid: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[str] = ..., ready: _Optional[bool] = ..., health: _Optional[str] = ..., restarts: _Optional[int] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., connections: _Optional[int] = ..., requests: _Optional[int] = ..., qps: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., send_fail: _Optional[int] = ..., timers: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., started_at: _Optional[float] = ..., health_reason: _Optional[str] = ..., status_text: _Optional[str] = ..., last_exit: _Optional[str] = ..., exit_counts: _Optional[_Mapping[str, int]] = ..., metrics: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., num_fds: _Optional[int] = ..., num_threads: _Optional[int] = ..., last_exit_reason: _Optional[str] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("name", "state", "desired", "ready", "generation", "workers", "listen", "required_ready", "reloads", "advertise", "meta")
+    __slots__ = ("name", "state", "desired", "ready", "generation", "workers", "listen", "required_ready", "reloads", "advertise", "meta", "log_lines_dropped", "log_lines_cut")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +114,8 @@ class ServiceStatus(_message.Message):
     RELOADS_FIELD_NUMBER: _ClassVar[int]
     ADVERTISE_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    LOG_LINES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    LOG_LINES_CUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     desired: int
@@ -123,7 +127,9 @@ class ServiceStatus(_message.Message):
     reloads: int
     advertise: str
     meta: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., desired: _Optional[int] = ..., ready: _Optional[int] = ..., generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., listen: _Optional[_Iterable[str]] = ..., required_ready: _Optional[int] = ..., reloads: _Optional[int] = ..., advertise: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    log_lines_dropped: int
+    log_lines_cut: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., desired: _Optional[int] = ..., ready: _Optional[int] = ..., generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., listen: _Optional[_Iterable[str]] = ..., required_ready: _Optional[int] = ..., reloads: _Optional[int] = ..., advertise: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ..., log_lines_dropped: _Optional[int] = ..., log_lines_cut: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("agent", "services")
