@@ -8,7 +8,7 @@ for `svctl logs -f`.
 Invariants (a worker's output must never hurt supervision):
 - Memory is bounded: a line longer than `LogSpec.max_line` bytes is cut there (the
   kept part ends with `CUT_MARK`, the rest up to the newline is discarded), whether or
-  not a newline ever comes; the ring holds `ring_lines` lines; each follower queue
+  not a newline ever comes; each worker's ring holds `ring_lines` lines; each follower queue
   holds `FOLLOW_QUEUE` lines (a slow follower loses lines and is told how many).
 - The loop is never held for long: at most `MAX_READS_PER_TICK` reads of `READ_CHUNK`
   bytes per wakeup per pipe; file writes are plain write(2) into the page cache, one
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import json
 import logging
 import os
@@ -226,7 +227,8 @@ class LogStore:
         self.spec = spec
         self.path = None if directory is None else Path(directory) / f"{service}.log"
         self._file = None if self.path is None else _LogFile(self.path, spec)
-        self._ring: collections.deque[LogLine] = collections.deque(maxlen=spec.ring_lines)
+        # one ring per worker slot, so a chatty sibling never evicts a quiet worker's lines
+        self._rings: dict[int, collections.deque[LogLine]] = {}
         self._pipes: dict[int, _Pipe] = {}
         self._followers: set[_Follower] = set()
         self._closed = False
@@ -341,12 +343,13 @@ class LogStore:
         followers = [f for f in self._followers if f.worker in (None, pipe.worker)]
         # Only the lines that will stay in the ring (or that a follower wants) become
         # LogLine objects: a flood costs a split and a write, not an object per line.
-        keep = len(lines) if followers else min(len(lines), self._ring.maxlen or 0)
+        ring = self._ring_of(pipe.worker)
+        keep = len(lines) if followers else min(len(lines), ring.maxlen or 0)
         made = [
             LogLine(now, self.service, pipe.worker, pipe.pid, pipe.stream, _text(b))
             for b in lines[len(lines) - keep :]
         ]
-        self._ring.extend(made)
+        ring.extend(made)
         for follower in followers:
             follower.offer(made)
 
@@ -368,20 +371,23 @@ class LogStore:
 
     # -- reading back --------------------------------------------------------------
 
+    def _ring_of(self, worker: int) -> collections.deque[LogLine]:
+        ring = self._rings.get(worker)
+        if ring is None:
+            ring = self._rings[worker] = collections.deque(maxlen=self.spec.ring_lines)
+        return ring
+
     def tail(self, n: int, worker: int | None = None) -> list[LogLine]:
-        """The last `n` captured lines (of `worker`), oldest first."""
+        """The last `n` captured lines (of `worker`, else of every worker), oldest first.
+
+        Each worker slot keeps its own `ring_lines`; the service view merges them by time.
+        """
         if n <= 0:
             return []
-        if worker is None:
-            return list(self._ring)[-n:]
-        out: list[LogLine] = []
-        for line in reversed(self._ring):
-            if line.worker == worker:
-                out.append(line)
-                if len(out) >= n:
-                    break
-        out.reverse()
-        return out
+        if worker is not None:
+            return list(self._rings.get(worker, ()))[-n:]
+        recent = (list(ring)[-n:] for ring in self._rings.values())
+        return list(heapq.merge(*recent, key=lambda line: line.time))[-n:]
 
     async def follow(self, worker: int | None = None) -> AsyncIterator[LogLine]:
         """Live lines (of `worker`) from now on, until `close()`.
@@ -417,8 +423,9 @@ class LogStore:
         self.spec = spec
         if self._file is not None:
             self._file.spec = spec
-        if spec.ring_lines != self._ring.maxlen:
-            self._ring = collections.deque(self._ring, maxlen=spec.ring_lines)
+        for worker, ring in list(self._rings.items()):
+            if spec.ring_lines != ring.maxlen:
+                self._rings[worker] = collections.deque(ring, maxlen=spec.ring_lines)
 
     def close(self) -> None:
         """Close every pipe and the file; followers finish. Idempotent."""
