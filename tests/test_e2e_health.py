@@ -43,7 +43,7 @@ Completed = CompletedProcess[str]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 #: Per-RPC bound of the health client.
-RPC_TIMEOUT = 5.0
+RPC_TIMEOUT = 20.0
 #: Scheduling slack on a loaded 2-core machine, added to every computed bound: one
 #: Python spawn (import + bind) plus the agent's loop latency under load.
 SLACK = 3.0

@@ -431,7 +431,8 @@ graceful_timeout = 5
 
 
 def chatty_service(go: Path, **logs: Any) -> str:
-    """Worker 1 writes LINES_EACH numbered lines, worker 0 only QUIET_LINES (both on `go`)."""
+    """Worker 1 writes LINES_EACH numbered lines once `go` exists, worker 0 QUIET_LINES
+    at once."""
     command = argv(LOG_FLOOD, "--wait-file", str(go), "--lines", str(LINES_EACH),
                    "--line-bytes", str(LINE_BYTES), "--quiet-worker", "0")
     table = "".join(f"{key} = {json.dumps(v)}\n" for key, v in logs.items())
@@ -518,8 +519,9 @@ def test_log_rotation_keeps_the_configured_count_and_svctl_logs_filters(
 def test_logs_of_a_quiet_worker_survive_a_chatty_sibling(tmp_path: Path) -> None:
     go = tmp_path / "go"
     with running(tmp_path, chatty_service(go)) as agent:
+        wait_flood_done(agent, 0)  # the quiet worker writes at once, the chatty one on `go`
         go.touch()
-        wait_flood_done(agent, 0, 1)
+        wait_flood_done(agent, 1)
         out = svctl(agent, "logs", "chatty", "-n", "5", "--worker", "0", "--json")
         assert out.returncode == 0, out.stderr
         quiet = [json.loads(x)["line"] for x in out.stdout.splitlines() if x.strip()]

@@ -6,8 +6,8 @@ Run it with `ready = "started"` (it speaks no sd_notify). Once `--wait-file` exi
 - `--burst-mb M`: M MiB of 1 KiB lines as fast as the pipe takes them;
 - `--long-line-mb M`: M MiB without a newline, then one newline;
 then `flood done` on stderr, and it sleeps until SIGTERM (default action: exit).
-`--quiet-worker N`: worker N (SVCD_WORKER) writes only QUIET_LINES numbered lines and
-no burst, beside its chatty siblings.
+`--quiet-worker N`: worker N (SVCD_WORKER) writes only QUIET_LINES numbered lines, no
+burst, and at once (it does not wait for the file), before its chatty siblings.
 Every loop is bounded by its count or by WAIT_LIMIT.
 """
 
@@ -46,6 +46,7 @@ def main() -> int:
     if worker == str(args.quiet_worker):
         args.lines = min(args.lines, QUIET_LINES)
         args.burst_mb = args.long_line_mb = 0
+        args.wait_file = ""
     print(f"flood worker {worker} pid {os.getpid()} waiting", flush=True)
     deadline = time.monotonic() + WAIT_LIMIT
     while args.wait_file and not os.path.exists(args.wait_file):
