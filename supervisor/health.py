@@ -18,6 +18,8 @@ Invariants:
   count (a slow-starting worker is not condemned); the first pass ends that grace.
 - A check never outlives its `timeout`: the monitor cancels it, and the exec kind kills
   its child's whole process group on timeout or cancellation and waits for the reaper.
+- A tcp check passes only for a connection the worker accepted, not one the kernel
+  merely completed into the backlog of the (agent-bound) health listener.
 - Cancelling `run()` stops the monitor; it holds no resources between checks.
 - No asyncio subprocesses: the exec kind spawns through `supervisor.spawn` and waits through
   the agent's one `Reaper` (asyncio's child watchers would steal exit statuses).
@@ -30,6 +32,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +58,13 @@ MAX_REASON_OUTPUT = 200
 EXEC_READ_CHUNK = 65536
 #: Reads per wakeup of the output drain, so a chatty check cannot hold the loop.
 EXEC_READS_PER_WAKEUP = 16
+#: struct tcp_info (linux/tcp.h): `tcpi_state` is byte 0, and `tcpi_unacked`, a u32 at
+#: byte 24, is the accept-queue length when the socket is in LISTEN state.
+TCP_INFO_LEN = 104
+TCPI_UNACKED_OFFSET = 24
+TCP_STATE_LISTEN = 10
+#: How often a tcp check looks at the accept queue while waiting for the worker to accept.
+ACCEPT_POLL_INTERVAL = 0.005
 #: Environment variable telling an exec check which worker it is checking.
 WORKER_PID_ENV = "SVCD_WORKER_PID"
 USER_AGENT = "svcd-health"
@@ -64,7 +75,9 @@ class CheckTarget:
     """The one worker a check looks at.
 
     `host`/`port` is that worker's private `svcd-health` listener (http, tcp, grpc);
-    `env` is the worker's environment (the exec kind runs its command with it).
+    `env` is the worker's environment (the exec kind runs its command with it);
+    `listener` is the agent's own copy of that listening socket, when it has one: the
+    tcp kind reads its accept queue to tell an accepting worker from a hung one.
     """
 
     host: str
@@ -72,6 +85,7 @@ class CheckTarget:
     worker: str  # "service:index"
     pid: int
     env: Mapping[str, str] = field(default_factory=lambda: EMPTY_ENV)
+    listener: socket.socket | None = None
 
 
 @dataclass(frozen=True)
@@ -103,14 +117,63 @@ async def _close(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
-async def check_tcp(spec: HealthSpec, target: CheckTarget) -> CheckResult:
-    """Pass when a TCP connection to the worker's health listener opens."""
+def accept_queue_length(listener: socket.socket) -> int | None:
+    """How many connections wait in `listener`'s accept queue; None when unknown.
+
+    Linux reports it as `tcpi_unacked` of a listening socket's TCP_INFO. None when the
+    socket is closed, not listening, or the kernel does not answer.
+    """
     try:
-        _, writer = await asyncio.open_connection(target.host, target.port)
+        info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+    except OSError:
+        return None
+    if len(info) < TCPI_UNACKED_OFFSET + 4 or info[0] != TCP_STATE_LISTEN:
+        return None
+    queued: int = struct.unpack_from("=I", info, TCPI_UNACKED_OFFSET)[0]
+    return queued
+
+
+async def check_tcp(spec: HealthSpec, target: CheckTarget) -> CheckResult:
+    """Pass when the worker accepts a TCP connection on its health listener.
+
+    A connect alone proves nothing there: the agent binds the listener before the worker
+    runs, so the kernel completes every handshake into the backlog whether or not the
+    worker is alive. With `target.listener` (the agent's copy of that socket) the check
+    therefore connects, then waits until the accept queue is empty: only the agent
+    connects to the private listener, so an empty queue means the worker took our
+    connection (and any left behind by earlier, timed-out checks). Without a listener
+    (a check against some other address) an open connection is all it can ask for.
+    Bounded by `spec.timeout`: a worker that never accepts fails with a timeout.
+    """
+    try:
+        async with asyncio.timeout(spec.timeout):
+            _, writer = await asyncio.open_connection(target.host, target.port)
+            try:
+                if target.listener is None:
+                    return PASS
+                return await _wait_accepted(target.listener)
+            finally:
+                await _close(writer)
+    except TimeoutError:
+        return CheckResult(False, f"timeout after {spec.timeout}s")
     except OSError as exc:
         return CheckResult(False, _connect_reason(exc))
-    await _close(writer)
-    return PASS
+
+
+async def _wait_accepted(listener: socket.socket) -> CheckResult:
+    """Poll the listener's accept queue until it is empty; the caller bounds the wait."""
+    # On loopback the kernel queues our connection while handling the handshake's last
+    # ACK, in the same softirq pass that woke our connect, long before this coroutine
+    # resumes; so an empty queue here is the worker accepting, not a connection still on
+    # its way. Were it ever seen too early, the next check would catch it: a connection
+    # nobody accepts stays in the queue after we close it.
+    while True:
+        queued = accept_queue_length(listener)
+        if queued is None:
+            return CheckResult(False, "health listener closed or not listening")
+        if queued == 0:
+            return PASS
+        await asyncio.sleep(ACCEPT_POLL_INTERVAL)
 
 
 def parse_status_line(line: bytes) -> int | None:

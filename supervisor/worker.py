@@ -794,7 +794,9 @@ class Worker:
             host, port = proc.health_sock.getsockname()[:2]
         else:
             host, port = "127.0.0.1", 0  # exec checks dial nothing
-        target = CheckTarget(host, port, self.name, proc.pid, proc.env)
+        target = CheckTarget(
+            host, port, self.name, proc.pid, proc.env, listener=proc.health_sock
+        )
         monitor = HealthMonitor(
             spec, target, self._observed(proc, check),
             lambda health, reason: self._on_health(proc, health, reason),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -133,7 +134,7 @@ def py(code: str) -> tuple[str, ...]:
 
 def gone(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        return bool(psutil.Process(pid).status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
 
@@ -220,6 +221,66 @@ async def test_tcp_check_passes_on_accepting_port() -> None:
     spec = HealthSpec(kind="tcp")
     async with asyncio.timeout(TEST_TIMEOUT), ScriptedHttp(hang=True) as server:
         assert await check_tcp(spec, target(server.port)) == CheckResult(True)
+
+
+@contextlib.contextmanager
+def health_listener() -> Iterator[tuple[socket.socket, CheckTarget]]:
+    """A listening socket like the agent's private one, and a target carrying it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        port = sock.getsockname()[1]
+        yield sock, CheckTarget("127.0.0.1", port, "api:0", 4242, listener=sock)
+    finally:
+        sock.close()
+
+
+async def test_tcp_check_fails_when_nobody_accepts_on_the_listener() -> None:
+    # The agent's listener completes every handshake into its backlog: a worker that
+    # exists but never accepts must still fail, by timeout.
+    spec = HealthSpec(kind="tcp", interval=FAST, timeout=0.2, rise=1, fall=2)
+    async with asyncio.timeout(TEST_TIMEOUT):
+        with health_listener() as (_, tgt):
+            assert await check_tcp(spec, tgt) == CheckResult(False, "timeout after 0.2s")
+            mon, changes = monitor_for(spec, tgt, check_tcp)
+            async with running(mon):
+                await wait_for(lambda: changes.seen, what="failing")
+            assert changes.seen == [("failing", "timeout after 0.2s", 2)]
+
+
+async def test_tcp_check_passes_when_the_worker_accepts_on_the_listener() -> None:
+    spec = HealthSpec(kind="tcp", interval=FAST, timeout=5.0, rise=2, fall=1)
+    accepted = 0
+
+    async def worker(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        writer.close()
+
+    async with asyncio.timeout(TEST_TIMEOUT):
+        with health_listener() as (sock, tgt):
+            # the worker's own copy of the listening socket, as socket activation hands it
+            server = await asyncio.start_server(worker, sock=sock.dup())
+            try:
+                mon, changes = monitor_for(spec, tgt, check_tcp)
+                async with running(mon):
+                    await wait_for(lambda: changes.seen, what="passing")
+                assert changes.seen == [("passing", "", 2)]
+                assert accepted >= 2
+            finally:
+                server.close()
+                await server.wait_closed()
+
+
+async def test_tcp_check_fails_when_the_listener_is_closed() -> None:
+    spec = HealthSpec(kind="tcp", timeout=1.0)
+    async with asyncio.timeout(TEST_TIMEOUT), ScriptedHttp(hang=True) as server:
+        with health_listener() as (sock, _):
+            sock.close()
+            tgt = CheckTarget("127.0.0.1", server.port, "api:0", 4242, listener=sock)
+            result = await check_tcp(spec, tgt)
+            assert result == CheckResult(False, "health listener closed or not listening")
 
 
 # -- start_period and the monitor's own rules --------------------------------------------

@@ -385,16 +385,6 @@ def test_uvicorn_launcher_sets_tcp_nodelay_and_uvicorn_fd_does_not(tmp_path: Pat
 # --- readiness by tcp check ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="supervisor: a tcp check on the private svcd-health listener passes for a "
-    "process that never accepts (the listener is bound and listening before the worker "
-    "runs, so the kernel completes every handshake); ready = 'health' + kind = 'tcp' "
-    "is 'started'. A fix: after connecting, wait until the agent's copy of the listener "
-    "shows an empty accept queue (TCP_INFO tcpi_unacked == 0 on a listening socket): the "
-    "worker accepted.",
-)
 def test_tcp_health_readiness_needs_a_worker_that_accepts(tmp_path: Path) -> None:
     port = free_port()
     never_accepts = [sys.executable, "-c", "import time; time.sleep(60)"]
@@ -411,3 +401,22 @@ def test_tcp_health_readiness_needs_a_worker_that_accepts(tmp_path: Path) -> Non
         )
     finally:
         agent.stop()
+
+
+def test_tcp_health_readiness_of_a_worker_that_accepts(tmp_path: Path) -> None:
+    # the counterpart: a server_core worker (it serves svcd-health like any inherited
+    # socket) becomes ready by its first tcp check, and stays passing
+    port = free_port()
+    toml = service_toml(
+        "web", core_command(), port,
+        'ready = "health"\n[services.web.health]\nkind = "tcp"\ninterval = 0.5\nrise = 1\n',
+    )
+    with AgentProcess(tmp_path, toml) as agent:
+        workers = agent.status()["services"][0]["workers"]
+        assert [w["ready"] for w in workers] == [True, True]
+        wait_for_sync(
+            lambda: all(w["health"] == "passing"
+                        for w in agent.status()["services"][0]["workers"]),
+            SERVE_WITHIN, "both workers passing",
+        )
+        assert not any("not ready within" in str(e.get("message", "")) for e in events(agent))
