@@ -162,15 +162,13 @@ class _LogFile:
                 if time.monotonic() < self._retry_at:
                     return False
                 self._open()
-            limit = self.spec.max_bytes
-            if limit > 0 and self._size > 0 and self._size + len(data) > limit:
-                self._rotate()
-            assert self._fd is not None
-            view = memoryview(data)
-            while view:
-                n = os.write(self._fd, view)
-                self._size += n
-                view = view[n:]
+            while data:
+                chunk = self._fitting(data)
+                if not chunk:
+                    self._rotate()
+                    continue
+                self._append(chunk)
+                data = data[len(chunk) :]
         except OSError as exc:
             if not self.failing:
                 log.warning("log file %s: %s; dropping lines until it works again", self.path, exc)
@@ -182,6 +180,31 @@ class _LogFile:
             log.warning("log file %s: writing again", self.path)
             self.failing = False
         return True
+
+    def _fitting(self, data: bytes) -> bytes:
+        """The whole lines of `data` that fit before max_bytes; b"" means rotate first.
+
+        A batch read in one wakeup can be far larger than the limit, so it is split at
+        line boundaries; a single line longer than the limit goes alone into a fresh file.
+        """
+        limit = self.spec.max_bytes
+        if limit <= 0 or self._size + len(data) <= limit:
+            return data
+        room = limit - self._size
+        cut = data.rfind(b"\n", 0, room) + 1 if room > 0 else 0
+        if cut:
+            return data[:cut]
+        if self._size > 0:
+            return b""
+        return data[: data.find(b"\n") + 1 or len(data)]
+
+    def _append(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            self._size += n
+            view = view[n:]
 
     def _open(self) -> None:
         self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)

@@ -248,6 +248,20 @@ async def test_rotation_keeps_the_configured_number_of_files(tmp_path: Path) -> 
         store.close()
 
 
+async def test_one_large_batch_is_split_at_lines_across_rotations(tmp_path: Path) -> None:
+    store = LogStore("api", tmp_path, LogSpec(max_bytes=1000, backups=3))
+    try:
+        with feeding(store) as f:
+            f.write(b"".join(b"line %04d\n" % i for i in range(300)))  # 3000 bytes at once
+            await wait_for(functools.partial(has_lines, store, 300), WAIT, "lines")
+        assert files(tmp_path) == ["api.log", "api.log.1", "api.log.2", "api.log.3"]
+        assert all(size <= 1000 for size in file_sizes(tmp_path))
+        for path in tmp_path.iterdir():
+            assert path.read_bytes().endswith(b"\n")  # whole lines only
+    finally:
+        store.close()
+
+
 async def test_rotation_without_backups_truncates(tmp_path: Path) -> None:
     store = LogStore("api", tmp_path, LogSpec(max_bytes=1000, backups=0))
     try:
