@@ -32,7 +32,6 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from server_core.connection import NOT_SENT, SENT, Connection, Sent
 from server_core.eager import DONE
-from server_core.protocols import websocket
 from server_core.protocols.http_message import (
     KEEP_CLOSE,
     KEEP_EXPLICIT,
@@ -421,6 +420,10 @@ class HttpConnection(Connection):
         if self._pending is not None or self._closing:
             self._fail(400)  # an upgrade behind unanswered pipelined requests
             return
+        # Imported here, not at the top: only ws:// workers get this far, and they
+        # loaded the module at start (protocols.connection_class); http:// ones never do.
+        from server_core.protocols import websocket
+
         websocket.accept(self, request, rest)
 
     def _refuse_upgrade(self, response: bytes) -> None:
