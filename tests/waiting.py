@@ -35,7 +35,7 @@ async def wait_for(
             if asyncio.iscoroutine(value) or isinstance(value, Awaitable):
                 value = await value
             if value:
-                return value  # type: ignore[return-value]
+                return value  # type: ignore[return-value,unused-ignore]
         except GiveUp:
             raise
         except Exception as exc:
