@@ -51,13 +51,23 @@ SCRAPES = 20
 STATUS_RUNS = 5
 WORKER_MIB = 30  # a server_core hello worker's RSS, rounded up
 READY_WITHIN = 900.0  # 200 interpreters starting on 2 busy cores take a while
+SCRAPE_TIMEOUT = 60.0
 
 
 def scrape(url: str) -> tuple[float, bytes]:
     t0 = time.monotonic()
-    with urllib.request.urlopen(url, timeout=30) as resp:
+    with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT) as resp:
         body = resp.read()
     return (time.monotonic() - t0) * 1000, body
+
+
+def restarts(agent: Svcd) -> int | None:
+    """Restarts of every worker so far; None when svctl gets no answer in time."""
+    try:
+        status = agent.status()
+    except BenchError:
+        return None
+    return sum(int(w["restarts"]) for s in status["services"] for w in s["workers"])
 
 
 def main() -> int:
@@ -86,13 +96,12 @@ def main() -> int:
             agent = Svcd(procs, tmp, services,
                          agent_extra=f'metrics_address = "127.0.0.1:{metrics_port}"')
             t0 = time.monotonic()
-            agent.start(ready_within=READY_WITHIN)
+            agent.start(ready_within=READY_WITHIN, metrics_port=metrics_port)
             result["all_ready_s"] = round(time.monotonic() - t0, 1)
             procs.remember_tree()
             time.sleep(SETTLE)
             me = psutil.Process(agent.pid)
-            restarts_before = sum(w["restarts"] for s in agent.status()["services"]
-                                  for w in s["workers"])
+            restarts_before = restarts(agent)
 
             # 1. CPU and RSS over the window
             cpu0, w0 = me.cpu_times(), time.monotonic()
@@ -106,6 +115,7 @@ def main() -> int:
                     break
                 time.sleep(min(RSS_EVERY, max(0.0, end - time.monotonic())))
             cpu1, w1 = me.cpu_times(), time.monotonic()
+            loop_thread = next(t for t in me.threads() if t.id == me.pid)
             busy = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
             result["cpu"] = {
                 "window_s": round(w1 - w0, 1),
@@ -114,6 +124,8 @@ def main() -> int:
                 "user_s": round(cpu1.user - cpu0.user, 2),
                 "system_s": round(cpu1.system - cpu0.system, 2),
                 "threads": me.num_threads(),
+                "main_thread_cpu_s_since_start": round(
+                    loop_thread.user_time + loop_thread.system_time, 1),
                 "loadavg_during": round(statistics.median(load), 2),
             }
             result["rss_mib"] = {"median": round(statistics.median(rss), 1),
@@ -126,8 +138,13 @@ def main() -> int:
             scrape(url)  # the first one may build caches: not counted
             times: list[float] = []
             body = b""
+            failed = 0
             for _ in range(SCRAPES):
-                ms, body = scrape(url)
+                try:
+                    ms, body = scrape(url)
+                except OSError:
+                    failed += 1
+                    continue
                 times.append(ms)
             text = body.decode()
             series = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
@@ -137,24 +154,34 @@ def main() -> int:
                 "bytes": len(body),
                 "series": len(series),
                 "worker_custom_series": len(hello_series),
+                "failed": failed,
             }
 
-            # 3. svctl status at this size
+            # 3. svctl status at this size (exit 3: no answer within svctl's deadline)
             status_ms: dict[str, list[float]] = {"svctl status --json": [], "svctl status": []}
+            unanswered: dict[str, int] = {name: 0 for name in status_ms}
             for _ in range(STATUS_RUNS):
                 for name in status_ms:
                     argv = name.split()[1:]
                     t = time.monotonic()
                     out = agent.svctl(*argv)
-                    status_ms[name].append((time.monotonic() - t) * 1000)
-                    if out.returncode != 0:
-                        raise BenchError(f"{name}: {out.stderr}")
-            result["status_ms"] = {name: summary(v) for name, v in status_ms.items()}
-            status = agent.status()
-            result["ready_at_end"] = sum(s["ready"] for s in status["services"])
-            result["restarts_during"] = sum(
-                w["restarts"] for s in status["services"] for w in s["workers"]
-            ) - restarts_before
+                    elapsed = (time.monotonic() - t) * 1000
+                    if out.returncode == 0:
+                        status_ms[name].append(elapsed)
+                    elif out.returncode == 3:
+                        unanswered[name] += 1
+                    else:
+                        raise BenchError(f"{name}: {out.returncode} {out.stderr}")
+            result["status_ms"] = {
+                name: {**summary(v), "unanswered": unanswered[name]}
+                for name, v in status_ms.items()
+            }
+            after = restarts(agent)
+            result["restarts_during"] = (
+                None if after is None or restarts_before is None else after - restarts_before)
+            ready = [ln for ln in text.splitlines()
+                     if ln.startswith("svcd_service_ready_workers")]
+            result["ready_at_end"] = sum(int(float(ln.split()[-1])) for ln in ready)
             result["svctl"] = SVCTL
         finally:
             if agent is not None:
@@ -163,7 +190,7 @@ def main() -> int:
                 result["sigterm_stop_s"] = round(time.monotonic() - t, 1)
             procs.close()
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    path = write_result("200_workers", result)
+    path = write_result(f"workers_{workers}", result)
     print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
     print(f"written to {path}")
     return 0

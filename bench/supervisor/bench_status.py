@@ -9,9 +9,10 @@ once, each with the same worker program; then
    `hyperfine -N --warmup 3 --runs 30 --export-json ...` (no shell in between);
 2. our own loop of 30 rounds runs the commands interleaved (round i runs each once), so
    a burst of load from elsewhere hits every command alike;
-3. reference points in the same run: `python -c pass`, `python -c "import grpc"`, and
-   the import of everything `svctl status` loads, which split svctl's time into
-   interpreter start, imports and the call itself;
+3. reference points in the same run: `python -c pass` (and with -S: without the site
+   hook of the venv's editable install of svcd, which every `python` here pays),
+   `python -c "import grpc"`, and the import of everything `svctl status` loads, which
+   split svctl's time into interpreter start, imports and the call itself;
 4. `python -X importtime` of `svctl status` (and of `--json`): the heaviest imports.
 
 Run: .venv/bin/python bench/supervisor/bench_status.py [--runs 30]
@@ -78,23 +79,35 @@ def hyperfine(commands: dict[str, list[str]], runs: int, out: Path,
     return results
 
 
+def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall ms, user+system CPU ms) of one run of `cmd`, from fork to reaped exit."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = (time.monotonic() - t0) * 1000
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise BenchError(f"{shlex.join(cmd)} exited {proc.returncode}")
+    return wall, (usage.ru_utime + usage.ru_stime) * 1000
+
+
 def own_loop(commands: dict[str, list[str]], runs: int, env: dict[str, str]) -> dict[str, Any]:
-    """Interleaved rounds; wall time of each command from fork to exit (ms)."""
-    times: dict[str, list[float]] = {name: [] for name in commands}
+    """Interleaved rounds (round i runs every command once): wall and CPU ms per command.
+
+    CPU time (user+system of the command, from wait4) barely moves with the load other
+    processes put on the machine, where wall time on 2 busy cores can double.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in commands}
+    cpu: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(3):  # warm-up
         for cmd in commands.values():
-            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                           timeout=60)
+            run_once(cmd, env)
     for _ in range(runs):
         for name, cmd in commands.items():
-            t0 = time.monotonic()
-            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  env=env, timeout=60)
-            elapsed = (time.monotonic() - t0) * 1000
-            if proc.returncode != 0:
-                raise BenchError(f"{name} exited {proc.returncode}")
-            times[name].append(elapsed)
-    return {name: summary(values) for name, values in times.items()}
+            w, c = run_once(cmd, env)
+            wall[name].append(w)
+            cpu[name].append(c)
+    return {name: {**summary(wall[name]), "cpu_ms": summary(cpu[name])} for name in commands}
 
 
 IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
@@ -151,6 +164,7 @@ def main() -> int:
                 env.update(peer.status_env)
             references = {
                 "python -c pass": [PYTHON, "-c", "pass"],
+                "python -S -c pass (no site hook)": [PYTHON, "-S", "-c", "pass"],
                 "python -c 'import grpc'": [PYTHON, "-c", "import grpc"],
                 "python: svctl status's imports": [
                     PYTHON, "-c",
@@ -182,6 +196,12 @@ def main() -> int:
                 result[f"{source}_ratios"] = {
                     name: round(v["median"] / base, 2) for name, v in figures.items()
                 }
+                if source == "own_loop":
+                    cpu_base = figures["supervisorctl status"]["cpu_ms"]["median"]
+                    result["own_loop_cpu_ratios"] = {
+                        name: round(v["cpu_ms"]["median"] / cpu_base, 2)
+                        for name, v in figures.items()
+                    }
             result["goal_ratio"] = GOAL_RATIO
         finally:
             if agent is not None:
@@ -194,7 +214,11 @@ def main() -> int:
             print(f"{source}: median ms (ratio to supervisorctl)")
             ratios = result.get(f"{source}_ratios", {})
             for name, v in result[source].items():
-                print(f"  {name:34s} {v['median']:8.1f}  {ratios.get(name, '')}")
+                line = f"  {name:34s} {v['median']:8.1f}  {ratios.get(name, '')}"
+                if "cpu_ms" in v:
+                    line += (f"   cpu {v['cpu_ms']['median']:7.1f} ms "
+                             f"{result['own_loop_cpu_ratios'].get(name, '')}")
+                print(line)
     print(json.dumps(result["importtime"], indent=1))
     print(f"written to {path}")
     return 0
