@@ -115,7 +115,6 @@ class Daemon:
     async def run(self) -> int:
         from agent.control import ControlServer
         from agent.grpc_check import GrpcChecker
-        from agent.metrics import MetricsCollector, MetricsServer
         from agent.sdnotify import SystemdNotifier
         from supervisor.supervisor import Supervisor
 
@@ -157,6 +156,9 @@ class Daemon:
             if registry is not None:
                 embedded, core.registry = registry
             if cfg.agent.metrics_address:
+                # imported only when asked for: prometheus_client is ~3.4 MiB of the agent
+                from agent.metrics import MetricsCollector, MetricsServer
+
                 collector = MetricsCollector(
                     statuses=supervisor.status,
                     reloads=lambda: core.reloads,
