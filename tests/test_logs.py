@@ -248,6 +248,10 @@ async def test_rotation_keeps_the_configured_number_of_files(tmp_path: Path) -> 
         store.close()
 
 
+def file_bytes(directory: Path) -> list[bytes]:
+    return [path.read_bytes() for path in sorted(directory.iterdir())]
+
+
 async def test_one_large_batch_is_split_at_lines_across_rotations(tmp_path: Path) -> None:
     store = LogStore("api", tmp_path, LogSpec(max_bytes=1000, backups=3))
     try:
@@ -256,8 +260,7 @@ async def test_one_large_batch_is_split_at_lines_across_rotations(tmp_path: Path
             await wait_for(functools.partial(has_lines, store, 300), WAIT, "lines")
         assert files(tmp_path) == ["api.log", "api.log.1", "api.log.2", "api.log.3"]
         assert all(size <= 1000 for size in file_sizes(tmp_path))
-        for path in tmp_path.iterdir():
-            assert path.read_bytes().endswith(b"\n")  # whole lines only
+        assert all(blob.endswith(b"\n") for blob in file_bytes(tmp_path))  # whole lines only
     finally:
         store.close()
 
