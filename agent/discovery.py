@@ -10,15 +10,20 @@ Invariants:
   workers of one service on one host share their listen address); an endpoint is
   usable when at least one of its workers is ready and not failing. Only usable
   endpoints are returned; `workers` counts its usable workers.
-- The cache starts from a full read and follows a watch from the revision after it; when
-  etcd cancels the watch (compaction) or the revision goes backwards (data wiped), it
-  reads everything again. While etcd is unreachable the cache keeps its last view.
+- The cache opens a watch from "now", waits for etcd to confirm it, and only then reads
+  everything; watch events the read already contains (mod revision <= the read's) are
+  skipped. Watching before reading is what makes a wiped etcd (revisions restart from
+  1) safe: a stream that etcd3aio re-opened silently before its creation was confirmed
+  watches the cluster the read then sees, and any later re-opening, a cancel
+  (compaction) or a revision going backwards makes the cache read everything again.
+  While etcd is unreachable the cache keeps its last view.
 - Reads the agents' own keys only; never writes. No supervisor/ import (svctl uses it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.registry import EtcdClient, EtcdUnavailable, KeyValue
+from agent.registry import EtcdClient, EtcdUnavailable, KeyValue, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -261,35 +266,71 @@ class DiscoveryClient:
         return view
 
     async def _follow(self, service: str, view: _ServiceView) -> None:
-        """Read all, then watch; again after a restart signal or an error. Runs until
-        cancelled (close)."""
+        """Watch, read all, follow; again after a restart signal or an error. Runs until
+        cancelled (close); nothing but cancellation ends it, so the cache never silently
+        stops following."""
         assert self._client is not None
         client = self._client
         prefix = service_prefix(self._access.prefix, service)
         delay = RETRY_INITIAL
         while True:
             try:
-                revision, items = await client.get_prefix(prefix)
-                view.records = _records(items)
-                view.error = ""
-                view.update()
-                delay = RETRY_INITIAL
-                async for batch in client.watch_prefix(prefix, revision + 1):
-                    if batch.restart:
-                        log.info("discovery: %s: watch restarted by etcd; reading again", service)
-                        break
-                    for kind, kv in batch.events:
-                        rec = WorkerRecord.parse(kv.key, kv.value) if kind == "put" else None
-                        if rec is None:
-                            view.records.pop(kv.key, None)
-                        else:
-                            view.records[kv.key] = rec
-                    view.update()
-            except EtcdUnavailable as exc:
+                if await self._sync(client, prefix, service, view):
+                    delay = RETRY_INITIAL
+                    continue
+                # the watch ended before the read: paced like an error, so an etcd that
+                # keeps ending streams is not asked again in a tight loop
+            except RegistryError as exc:  # EtcdUnavailable, and LeaseLost should it appear
                 view.error = str(exc)
                 log.warning("discovery: %s: %s", service, exc)
-                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-                delay = min(delay * 2, RETRY_MAX)
+            except Exception as exc:  # a library surprise must not freeze the cache
+                view.error = f"{type(exc).__name__}: {exc}"
+                log.exception("discovery: %s: unexpected error; reading again", service)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, RETRY_MAX)
+
+    async def _sync(
+        self, client: EtcdClient, prefix: str, service: str, view: _ServiceView
+    ) -> bool:
+        """One watch: open it, read all once etcd confirmed it, apply its changes.
+
+        Returns when the watch asks for a fresh read or ends: True if the read was done
+        (the view was refreshed), else False. Raises EtcdUnavailable."""
+        watch = client.watch_prefix(prefix, 0)
+        async with contextlib.aclosing(watch):
+            try:
+                async with asyncio.timeout(self._access.timeout):
+                    first = await anext(watch, None)
+            except TimeoutError:
+                raise EtcdUnavailable(
+                    f"watch {prefix}: not confirmed by etcd in {self._access.timeout}s"
+                ) from None
+            if first is None or first.restart:
+                return False
+            # read after the watch is in place: whatever the read misses, the watch has
+            revision, items = await client.get_prefix(prefix)
+            if revision < first.revision:
+                # the cluster's revision went backwards between the two: wiped; the
+                # stream re-opens too, but do not wait for it to say so
+                log.info("discovery: %s: etcd's revision went backwards; reading again", service)
+                return False
+            view.records = _records(items)
+            view.error = ""
+            view.update()
+            async for batch in watch:
+                if batch.restart:
+                    log.info("discovery: %s: watch restarted by etcd; reading again", service)
+                    return True
+                for kind, kv in batch.events:
+                    if kv.mod_revision <= revision:
+                        continue  # already in the read
+                    rec = WorkerRecord.parse(kv.key, kv.value) if kind == "put" else None
+                    if rec is None:
+                        view.records.pop(kv.key, None)
+                    else:
+                        view.records[kv.key] = rec
+                view.update()
+        return True
 
 
 # ----------------------------------------------------------------- svctl discover

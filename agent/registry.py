@@ -41,7 +41,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
@@ -143,6 +143,8 @@ class KeyValue:
     key: str
     value: bytes
     lease: int = 0
+    #: the revision of the last change of this key (of the delete, in a delete event)
+    mod_revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,8 @@ class WatchBatch:
     events: tuple[tuple[Literal["put", "delete"], KeyValue], ...] = ()
     #: the watch was cancelled by etcd (compaction, or a restart of the stream is needed)
     restart: bool = False
+    #: etcd's answer to the watch's creation: from here on the watch is in place
+    created: bool = False
 
 
 def parse_endpoint(url: str) -> tuple[str, int, bool]:
@@ -414,7 +418,10 @@ class EtcdClient:
             "get " + prefix,
             kv.get(prefix, etcd3aio.prefix_range_end(prefix), timeout=self.timeout),
         )
-        items = [KeyValue(i.key.decode(), bytes(i.value), int(i.lease)) for i in resp.kvs]
+        items = [
+            KeyValue(i.key.decode(), bytes(i.value), int(i.lease), int(i.mod_revision))
+            for i in resp.kvs
+        ]
         return int(resp.header.revision), items
 
     async def delete_prefix(self, prefix: str) -> None:
@@ -425,14 +432,23 @@ class EtcdClient:
             kv.delete(prefix, etcd3aio.prefix_range_end(prefix), timeout=self.timeout),
         )
 
-    async def watch_prefix(self, prefix: str, start_revision: int) -> AsyncIterator[WatchBatch]:
-        """Changes under `prefix` from `start_revision` on.
+    async def watch_prefix(
+        self, prefix: str, start_revision: int
+    ) -> AsyncGenerator[WatchBatch, None]:
+        """Changes under `prefix` from `start_revision` on (0: from now).
 
+        The first batch is etcd's answer to the creation (`created=True`, no events).
         The stream reconnects by itself after transient errors (raises EtcdUnavailable
         on others). It yields a batch with `restart=True` (and stops) when the caller
-        must read again and watch anew: the stream was re-established (events may have
-        been missed), etcd cancelled the watch (compaction), or the revision went
-        backwards (the data was wiped).
+        must read again and watch anew: the stream was re-established after the
+        creation was answered (events may have been missed), etcd cancelled the watch
+        (compaction), or the revision went backwards (the data was wiped).
+
+        A re-establishment before the first answer is invisible here (that answer is
+        then the new stream's) and the new stream starts at `start_revision`: of a
+        wiped cluster, that skips every change below it. A cache must therefore watch
+        from 0 and read only after the `created` batch (agent.discovery does), so that
+        such a stream watches the cluster it reads.
         """
         watch = self._c.watch
         assert watch is not None
@@ -454,10 +470,15 @@ class EtcdClient:
                     return
                 events: list[tuple[Literal["put", "delete"], KeyValue]] = []
                 for ev in resp.events:
-                    item = KeyValue(ev.kv.key.decode(), bytes(ev.kv.value), int(ev.kv.lease))
+                    item = KeyValue(
+                        ev.kv.key.decode(),
+                        bytes(ev.kv.value),
+                        int(ev.kv.lease),
+                        int(ev.kv.mod_revision),
+                    )
                     events.append(("delete" if ev.type == 1 else "put", item))
                 last = max(last, revision)
-                yield WatchBatch(revision, tuple(events))
+                yield WatchBatch(revision, tuple(events), created=bool(resp.created))
         except grpc.aio.AioRpcError as exc:  # not transient (those are retried inside)
             raise EtcdUnavailable(f"watch {prefix}: {exc.code().name} {exc.details()}") from None
         finally:

@@ -144,8 +144,11 @@ async def test_watch_survives_etcd_wipe(etcd: EtcdServer) -> None:
         try:
             assert len(await _next(it)) == 1
             etcd.wipe()
-            # the registry writes everything again into the new, empty cluster; the
-            # cache notices the revision went backwards, reads again and follows
+            # the registry writes everything again into the new, empty cluster (its
+            # revisions restart at 1, often up to the old head); the cache must notice the
+            # new cluster, read again and follow. The wipe right after the first read
+            # used to kill the first watch stream before etcd confirmed it, so etcd3aio's
+            # silent re-open went unnoticed and resumed above the re-registration
             reg.publish([api, service("db", [worker("db", 0)])])
             reg.publish([with_worker(api, 0, health="unknown")])
             assert await asyncio.wait_for(_until_health(it, "unknown"), 30)
