@@ -44,6 +44,7 @@ from supervisor.states import ServiceState
 from supervisor.status import LogLine, ServiceStatus
 
 if TYPE_CHECKING:
+    from supervisor.service import Service
     from supervisor.supervisor import Supervisor
 
 log = logging.getLogger("svcd")
@@ -200,7 +201,7 @@ class AgentCore:
     def reload_failures(self) -> Mapping[str, int]:
         return self._reload_failures
 
-    def _service(self, name: str):  # type: ignore[no-untyped-def]
+    def _service(self, name: str) -> Service:
         try:
             return self.supervisor.services[name]
         except KeyError:
