@@ -150,3 +150,33 @@ class AgentProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+#: Deadline of every svctl call in the slow end-to-end tests: the machine may be loaded
+#: by other suites, and a slow answer is not what they measure (svctl's default is 10 s).
+QUERY_DEADLINE = 60.0
+
+
+def argv(program: Path, *args: str) -> str:
+    """TOML array literal: run `program` with this interpreter."""
+    return json.dumps([sys.executable, str(program), *args])
+
+
+def svctl(
+    agent: AgentProcess, *args: str, timeout: float = QUERY_DEADLINE
+) -> subprocess.CompletedProcess[str]:
+    """`svctl` against `agent` with a generous query deadline."""
+    return agent.svctl("--timeout", str(timeout), *args, timeout=timeout + 30)
+
+
+def agent_status(agent: AgentProcess) -> dict[str, Any]:
+    out = svctl(agent, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def worker_pids(agent: AgentProcess, service: str) -> list[int]:
+    for svc in agent_status(agent)["services"]:
+        if svc["name"] == service:
+            return [w["pid"] for w in svc["workers"] if w["pid"]]
+    raise KeyError(service)

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from subprocess import CompletedProcess
 from typing import Any
 
 import grpc
@@ -28,7 +26,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent._pb import agent_pb2 as pb
-from tests.agent_proc import ROOT, AgentProcess, worker_command
+from tests.agent_proc import (
+    ROOT,
+    AgentProcess,
+    agent_status,
+    argv,
+    svctl,
+    worker_command,
+    worker_pids,
+)
 from tests.conftest import free_port
 from tests.waiting import GiveUp, wait_for_sync
 
@@ -39,7 +45,6 @@ SILENT_WORKER = PROGRAMS / "silent_worker.py"
 PER_WORKER = PROGRAMS / "per_worker.py"
 HTTP_WORKER = PROGRAMS / "http_worker.py"
 
-Completed = CompletedProcess[str]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 #: Per-RPC bound of the health client.
@@ -58,31 +63,8 @@ RISE = 2
 START_PERIOD = 20.0
 
 
-def argv(program: Path, *args: str) -> str:
-    """TOML array literal: run `program` with this interpreter."""
-    return json.dumps([sys.executable, str(program), *args])
 
 
-#: Deadline of every svctl call: the machine these run on may be loaded by other suites,
-#: and a slow answer is not what these tests measure (svctl's own default is 10 s).
-QUERY_DEADLINE = 60.0
-
-
-def svctl(agent: AgentProcess, *args: str, timeout: float = QUERY_DEADLINE) -> Completed:
-    return agent.svctl("--timeout", str(timeout), *args, timeout=timeout + 30)
-
-
-def agent_status(agent: AgentProcess) -> dict[str, Any]:
-    out = svctl(agent, "status", "--json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
-
-
-def worker_pids(agent: AgentProcess, service: str) -> list[int]:
-    for svc in agent_status(agent)["services"]:
-        if svc["name"] == service:
-            return [w["pid"] for w in svc["workers"] if w["pid"]]
-    raise KeyError(service)
 
 
 

@@ -25,7 +25,6 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from subprocess import CompletedProcess
 from typing import Any
 
 import grpc
@@ -34,7 +33,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.agent_proc import ROOT, AgentProcess, worker_command
+from tests.agent_proc import (
+    ROOT,
+    AgentProcess,
+    agent_status,
+    argv,
+    svctl,
+    worker_command,
+    worker_pids,
+)
 from tests.conftest import free_port
 from tests.waiting import wait_for_sync
 
@@ -63,16 +70,12 @@ SPEC_SERVICE_SERIES = (
 )
 SPEC_COUNTERS = ("svcd_worker_restarts_total", "svcd_worker_requests_total", "svcd_reloads_total")
 
-Completed = CompletedProcess[str]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 # ---------------------------------------------------------------- helpers
 
 
-def argv(program: Path, *args: str) -> str:
-    """TOML array literal: run `program` with this interpreter."""
-    return json.dumps([sys.executable, str(program), *args])
 
 
 @contextlib.contextmanager
@@ -91,26 +94,6 @@ def running(
         agent.stop()
 
 
-#: Deadline of every svctl call: the machine these run on may be loaded by other suites,
-#: and a slow answer is not what these tests measure (svctl's own default is 10 s).
-QUERY_DEADLINE = 60.0
-
-
-def svctl(agent: AgentProcess, *args: str, timeout: float = QUERY_DEADLINE) -> Completed:
-    return agent.svctl("--timeout", str(timeout), *args, timeout=timeout + 30)
-
-
-def agent_status(agent: AgentProcess) -> dict[str, Any]:
-    out = svctl(agent, "status", "--json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
-
-
-def worker_pids(agent: AgentProcess, service: str) -> list[int]:
-    for svc in agent_status(agent)["services"]:
-        if svc["name"] == service:
-            return [w["pid"] for w in svc["workers"] if w["pid"]]
-    raise KeyError(service)
 
 
 
