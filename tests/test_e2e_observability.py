@@ -43,6 +43,7 @@ from tests.agent_proc import (
     worker_pids,
 )
 from tests.conftest import free_port
+from tests.test_metrics import SPEC_SERVICE_SERIES, SPEC_WORKER_SERIES  # SPEC.md's names
 from tests.waiting import wait_for_sync
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -53,21 +54,6 @@ LOG_FLOOD = ROOT / "tests" / "programs" / "log_flood.py"
 WAIT = 30.0
 #: Per-request bound of the HTTP clients.
 HTTP_TIMEOUT = 5.0
-#: Every series SPEC.md names (worker-level ones carry `service` and `worker`).
-SPEC_WORKER_SERIES = (
-    "svcd_worker_up",
-    "svcd_worker_ready",
-    "svcd_worker_restarts_total",
-    "svcd_worker_rss_bytes",
-    "svcd_worker_cpu_seconds_total",
-    "svcd_worker_connections",
-    "svcd_worker_requests_total",
-)
-SPEC_SERVICE_SERIES = (
-    "svcd_service_ready_workers",
-    "svcd_service_desired_workers",
-    "svcd_reloads_total",
-)
 SPEC_COUNTERS = ("svcd_worker_restarts_total", "svcd_worker_requests_total", "svcd_reloads_total")
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
