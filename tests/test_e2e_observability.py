@@ -250,8 +250,6 @@ listen = ["tcp://127.0.0.1:{port}"]
 graceful_timeout = 5
 """
     with running(tmp_path, services) as agent:
-        for _ in range(10):
-            http_get(port)
         victim = worker(agent, "api", "api:0")["pid"]
         os.kill(victim, signal.SIGKILL)
         wait_for_sync(
@@ -259,6 +257,9 @@ graceful_timeout = 5
             and victim not in worker_pids(agent, "api"),
             WAIT, "api:0 replaced",
         )
+        # Requests go after the kill: counts served by the killed worker die with it.
+        for _ in range(10):
+            http_get(port)
         wait_for_sync(  # stats arrive with the workers' next report
             lambda: sum(w["requests"] for w in service_status(agent, "api")["workers"]) > 0,
             WAIT, "requests reported",
