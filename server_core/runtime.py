@@ -1,6 +1,9 @@
 """Process-level running of a worker: inherited sockets, event loop, signals, prefork.
 
-Two modes, picked from the environment:
+Three modes, picked from the environment:
+- svcd preload template (`preload = true`): the only inherited fd is the
+  `svcd-forkserver` channel; the process forks a worker per request (forkserver.py),
+  and each forked worker goes on below as if it had been started under svcd.
 - under svcd (or systemd): `LISTEN_FDS`/`LISTEN_PID`/`LISTEN_FDNAMES` name inherited
   listening sockets from fd 3; the worker serves every one of them (the service's and
   the private `svcd-health` one) in this process, sends sd_notify READY/STOPPING/
@@ -42,6 +45,7 @@ SD_LISTEN_FDS_START = 3
 LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 WATCHDOG_ENV = ("WATCHDOG_USEC", "WATCHDOG_PID")
 DRAIN_TIMEOUT_ENV = "SVCD_DRAIN_TIMEOUT"
+FORKSERVER_CHANNEL = "svcd-forkserver"  # the preload channel's fd name (forkserver.py)
 DEFAULT_DRAIN_TIMEOUT = 20.0
 
 # prefork parent
@@ -142,6 +146,15 @@ def run(worker: Worker) -> int:
         logging.basicConfig(
             level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s"
         )
+    if os.environ.get("LISTEN_FDNAMES") == FORKSERVER_CHANNEL:
+        from server_core import forkserver  # only a preload template needs it
+
+        channel = forkserver.channel_from_environ()
+        if channel is not None:
+            preload_imports(worker)  # once here, not in every forked worker
+            if not forkserver.serve_forks(channel):
+                return 0  # the template's generation is over
+            worker.adopt_environ()  # a forked worker: this process's own identity
     inherited = inherited_sockets()
     notifier = Notifier.from_environ()
     watchdog = watchdog_interval()
@@ -160,6 +173,14 @@ def run(worker: Worker) -> int:
     if worker.count > 1:
         return prefork(worker, sock, notifier)
     return serve_in_process(worker, [sock], notifier, watchdog)
+
+
+def preload_imports(worker: Worker) -> None:
+    """Import what serving `worker` needs (its protocol, its event loop) up front."""
+    from server_core.protocols import connection_class
+
+    connection_class(worker.address.scheme)
+    loop_factory(worker.event_loop)
 
 
 def serve_in_process(

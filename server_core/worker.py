@@ -104,7 +104,7 @@ class Worker:
         self.address: ListenAddress = parse_address(listen)
         self.count = count
         self.name = name or os.environ.get("SVCD_SERVICE") or self.address.scheme
-        self.index = int(os.environ.get("SVCD_WORKER", "0") or 0)
+        self.index = _index_from_environ()
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
         self.max_package_size = max_package_size
@@ -203,6 +203,11 @@ class Worker:
         if code:
             raise SystemExit(code)
 
+    def adopt_environ(self) -> None:
+        """Take this process's worker index from the environment again: a preload
+        template built the Worker before svcd forked this process as one slot."""
+        self.index = _index_from_environ()
+
     def stop(self) -> None:
         """Begin the graceful stop (what SIGTERM does); safe to call more than once."""
         self._stop_requested = True
@@ -282,6 +287,10 @@ class Worker:
                 await result
         except Exception:
             log.exception("on_worker_stop failed")
+
+
+def _index_from_environ() -> int:
+    return int(os.environ.get("SVCD_WORKER", "0") or 0)
 
 
 async def _watchdog(notifier: Notifier, interval: float) -> None:

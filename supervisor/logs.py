@@ -266,14 +266,19 @@ class LogStore:
 
     # -- pipes ---------------------------------------------------------------------
 
-    def attach(self, worker: int, pid: int, stream: str, fd: int) -> None:
-        """Start capturing `fd` (the read end of the worker's stdout or stderr pipe)."""
+    def attach(
+        self, worker: int, pid: int, stream: str, fd: int, label: str | None = None
+    ) -> None:
+        """Start capturing `fd` (the read end of the worker's stdout or stderr pipe).
+
+        `label` names the source in the file (default: the worker index).
+        """
         if self._closed:
             os.close(fd)
             return
         loop = asyncio.get_running_loop()
         os.set_blocking(fd, False)
-        prefix = f"{self.service}:{worker}[{pid}] {stream}: ".encode()
+        prefix = f"{self.service}:{label or worker}[{pid}] {stream}: ".encode()
         pipe = _Pipe(
             worker, pid, stream, fd, prefix, loop, loop.create_future(),
             LineSplitter(self.spec.max_line),

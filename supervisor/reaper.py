@@ -174,6 +174,11 @@ class Reaper:
             del self._unclaimed[pid]
 
     @property
+    def subreaper(self) -> bool:
+        """Whether orphaned descendants are re-parented to us (and reaped here)."""
+        return self._subreaper
+
+    @property
     def watched(self) -> list[int]:
         """Pids with a pending watcher."""
         return [pid for pid, fut in self._watchers.items() if not fut.done()]

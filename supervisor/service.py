@@ -51,6 +51,7 @@ from supervisor.events import EventBus
 from supervisor.health import CheckFn
 from supervisor.listeners import ListenerSet
 from supervisor.logs import LogStore
+from supervisor.preload import Preloader
 from supervisor.reaper import Reaper
 from supervisor.spec import ListenSpec, ServiceSpec
 from supervisor.states import ServiceState, WorkerState
@@ -100,6 +101,7 @@ class Service:
         )
         self._slots: dict[int, Worker] = {}
         self._transit: set[Worker] = set()
+        self._preloaders: dict[int, Preloader] = {}  # generation -> its template
         self._lock = asyncio.Lock()
         self._desired = False
         self._reloads: set[asyncio.Task[None]] = set()  # running or queued on the lock
@@ -130,6 +132,7 @@ class Service:
             await self._stop_workers([*self._slots.values(), *self._transit], "service stopped")
             self._slots.clear()
             self._transit.clear()
+            await self._retire_preloaders()
         self._publish_changed()
 
     async def restart(self) -> None:
@@ -259,7 +262,28 @@ class Service:
     def _new_worker(
         self, index: int, spec: ServiceSpec, generation: int, sockets: Sequence[socket.socket]
     ) -> Worker:
-        return Worker(spec, index, generation, sockets, self._wdeps, self._publish_changed)
+        return Worker(
+            spec, index, generation, sockets, self._wdeps, self._publish_changed,
+            preloader=self._preloader(spec, generation),
+        )
+
+    def _preloader(self, spec: ServiceSpec, generation: int) -> Preloader | None:
+        """The generation's preload template (started by its first fork), if preloaded."""
+        if not spec.preload:
+            return None
+        preloader = self._preloaders.get(generation)
+        if preloader is None:
+            preloader = self._preloaders[generation] = Preloader(
+                spec, generation, reaper=self._deps.reaper, logs=self.logs,
+                base_env=self._deps.base_env,
+            )
+        return preloader
+
+    async def _retire_preloaders(self) -> None:
+        """End the templates of generations no supervised worker belongs to any more."""
+        live = {w.generation for w in self._workers() if w.supervising}
+        retired = [g for g in self._preloaders if g not in live]
+        await asyncio.gather(*(self._preloaders.pop(g).close() for g in retired))
 
     def _start_slots(self, indexes: Iterable[int]) -> list[Worker]:
         started = []
@@ -293,6 +317,7 @@ class Service:
             else:
                 doomed = [self._slots.pop(i) for i in range(count, old) if i in self._slots]
                 await self._stop_workers(doomed, f"scaled down to {count}")
+                await self._retire_preloaders()
         self._deps.events.emit(
             "scaled", service=self.name, generation=self.generation,
             message=f"{old} -> {count} workers", fields={"from": old, "to": count},
@@ -334,7 +359,10 @@ class Service:
                     events.emit("reloaded", service=self.name, generation=self.generation,
                                 message="service is stopped: new spec adopted, nothing started")
                     return
-                await self._rolling(target, say)
+                try:
+                    await self._rolling(target, say)
+                finally:
+                    await self._retire_preloaders()  # the old generation's, or the failed one's
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None:

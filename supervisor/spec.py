@@ -133,6 +133,7 @@ class ServiceSpec:
     min_ready: int | None = None
     umask: int | None = None
     rlimits: Mapping[str, int] = field(default_factory=_empty_limits)
+    preload: bool = False  # fork workers from a template that imported the program once
     # registry settings of this service ([services.X.registry])
     advertise: str | None = None
     deregister_delay: float = 0.0
@@ -167,4 +168,5 @@ ROLLOUT_FIELDS: tuple[str, ...] = (
     "watchdog",
     "umask",
     "rlimits",
+    "preload",
 )

@@ -38,7 +38,6 @@ import os
 import pwd
 import signal
 import socket
-import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,14 +45,16 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.backoff import Backoff, RestartDecision
+from supervisor.environment import service_env
 from supervisor.errors import SupervisorError
 from supervisor.events import EventBus
 from supervisor.health import CheckFn, CheckResult, CheckTarget, HealthMonitor
 from supervisor.listeners import HEALTH_FD_NAME, bind_private_health
 from supervisor.logs import LogStore
 from supervisor.notify import NotifyEndpoint, NotifyMessage
+from supervisor.preload import Preloader, PreloadFailed
 from supervisor.reaper import ExitStatus, Reaper, signal_group
-from supervisor.spawn import SpawnError, SpawnRequest, clean_environ, spawn
+from supervisor.spawn import SpawnError, SpawnRequest, spawn
 from supervisor.spec import ServiceSpec
 from supervisor.states import WorkerState, check_transition, is_alive
 from supervisor.stats import TreeSampler, WorkerStats
@@ -65,6 +66,8 @@ _ENDPOINT_SERIAL = itertools.count(1)
 
 #: sysexits.h EX_CONFIG: the program says its configuration is broken; do not spin.
 EX_CONFIG = 78
+#: Notify messages kept from a process whose pid is not known yet (preload fork).
+MAX_EARLY_MESSAGES = 16
 #: psutil sampling period of a worker's process tree.
 SAMPLE_INTERVAL = 1.0
 #: Consecutive samples over max_memory before the worker is replaced (one spike is not
@@ -73,10 +76,6 @@ MEMORY_STRIKES = 3
 #: After SIGKILL, how long to wait for the reaper before declaring the process stuck
 #: (uninterruptible sleep); the reaper still collects it whenever it goes.
 KILL_REAP_TIMEOUT = 10.0
-#: SVCD_DRAIN_TIMEOUT: the worker's own drain bound ends this long before the SIGKILL...
-DRAIN_MARGIN = 1.0
-#: ...but never below this share of graceful_timeout (short timeouts).
-DRAIN_SHARE = 0.8
 #: After the main process is gone, how long to wait for the rest of its (SIGKILLed)
 #: process group to vanish, and how often to look.
 GROUP_EXIT_WAIT = 1.0
@@ -145,77 +144,8 @@ class _Ended:
     status: ExitStatus | None  # None: it never started (spawn failed) or is stuck
     requested_stop: bool = False
     replaced: str = ""  # the agent replaced it, and why
-    spawn_error: str = ""
-
-
-#: Largest env_file read, the same bound as one config file (agent.config): the agent
-#: reads it on its event loop, at every spawn.
-MAX_ENV_FILE_BYTES = 1024 * 1024
-
-
-def read_env_file(path: str) -> dict[str, str]:
-    """KEY=VALUE lines (systemd EnvironmentFile style): `#` comments, optional `export`,
-    optional matching quotes around the value. Raises OSError/ValueError naming the
-    file (and the line), which fails the spawn.
-
-    The file must be a regular file of at most MAX_ENV_FILE_BYTES (see
-    `_read_env_bytes`). Symlinks are followed: a link to an env file is normal.
-    """
-    try:
-        text = _read_env_bytes(path).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: env_file is not UTF-8 (byte {exc.start})") from None
-    out: dict[str, str] = {}
-    # universal newlines, as open() in text mode reads them
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    for number, raw in enumerate(lines, 1):
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("export "):
-            line = line[len("export ") :].lstrip()
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not key.replace("_", "a").isalnum():
-            raise ValueError(f"{path}:{number}: not KEY=VALUE")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        out[key] = value
-    return out
-
-
-def _read_env_bytes(path: str) -> bytes:
-    """The bytes of an env_file, which must be a regular file of bounded size.
-
-    It is read on the agent's loop and may be owned by the application's user, who can
-    swap it: it is opened non-blocking (a FIFO there cannot hang the open) and checked
-    with fstat before a byte is read (a FIFO or a device such as /dev/zero is refused
-    with ValueError, not read forever).
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path}: env_file is not a regular file")
-        too_big = f"{path}: env_file is larger than {MAX_ENV_FILE_BYTES} bytes"
-        if info.st_size > MAX_ENV_FILE_BYTES:
-            raise ValueError(too_big)
-        chunks: list[bytes] = []
-        size = 0
-        # bounded: every pass reads at least one byte, MAX_ENV_FILE_BYTES + 1 in all
-        # (the file may grow after fstat)
-        while size <= MAX_ENV_FILE_BYTES:
-            chunk = os.read(fd, MAX_ENV_FILE_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > MAX_ENV_FILE_BYTES:
-            raise ValueError(too_big)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    spawn_error: str = ""  # it cannot be started at all: FATAL at once
+    start_failed: str = ""  # this start failed (preload template): backoff
 
 
 class Worker:
@@ -229,6 +159,7 @@ class Worker:
         sockets: Sequence[socket.socket],
         deps: WorkerDeps,
         on_change: Callable[[], None] | None = None,
+        preloader: Preloader | None = None,
     ) -> None:
         self.spec = spec
         self.index = index
@@ -237,6 +168,8 @@ class Worker:
         self._sockets = list(sockets)
         self._deps = deps
         self._on_change = on_change
+        self._preloader = preloader  # preload = true: fork from the generation's template
+        self._early: list[NotifyMessage] = []  # notify messages before the pid was known
         self._state = WorkerState.EXITED
         self._proc: _Process | None = None
         self._backoff = Backoff(spec.backoff)
@@ -441,7 +374,15 @@ class Worker:
     async def _run_process(self) -> _Ended:
         """Spawn one process and supervise it until it is gone (reaped)."""
         try:
-            proc = self._launch()
+            proc = await self._launch()
+        except PreloadFailed as exc:
+            # like a process that died at start: backoff and start limit apply
+            self._set_state(WorkerState.STARTING, "started", message="preload failed")
+            self.last_exit = f"preload failed: {exc}"
+            self.end_reason = self.last_exit
+            self.exits += 1
+            self._set_state(WorkerState.EXITED, "exited", message=self.last_exit)
+            return _Ended(None, start_failed=str(exc))
         except (SpawnError, OSError, ValueError) as exc:
             # EXITED/BACKOFF/FATAL -> STARTING -> EXITED: the process never existed
             self._set_state(WorkerState.STARTING, "started", message="spawn failed")
@@ -494,11 +435,13 @@ class Worker:
                 wake_at = min(wake_at, proc.last_ping + watchdog + 0.001)
             await self._sleep_until(wake_at)
 
-    def _launch(self) -> _Process:
-        """Spawn a process; the state goes to STARTING (raises before that on failure)."""
+    async def _launch(self) -> _Process:
+        """Start a process (spawn it, or fork it from the generation's preload
+        template); the state goes to STARTING (raises before that on failure)."""
         spec = self.spec
         self._proc = None
-        file_env = read_env_file(spec.env_file) if spec.env_file else {}
+        self._early = []
+        env = service_env(spec, self.generation, self._deps.base_env)
         endpoint = NotifyEndpoint(
             self._deps.notify_dir,
             # unique per process: an endpoint takes over a file of the same name
@@ -506,7 +449,7 @@ class Worker:
             self._on_notify,
             uid=_uid_of(spec.user),
         )
-        env = self._child_env(file_env, endpoint.path)
+        env.update(self._own_env(endpoint.path))
         try:
             health_sock = bind_private_health() if spec.health.needs_private_listener else None
         except BaseException:
@@ -520,22 +463,16 @@ class Worker:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         before = time.monotonic()
+        request = SpawnRequest(
+            argv=spec.command, env=env, cwd=spec.cwd, fds=fds, fd_names=names,
+            stdout=out_w, stderr=err_w,
+            user=spec.user, group=spec.group, umask=spec.umask, rlimits=spec.rlimits,
+        )
         try:
-            pid = spawn(
-                SpawnRequest(
-                    argv=spec.command,
-                    env=env,
-                    cwd=spec.cwd,
-                    fds=fds,
-                    fd_names=names,
-                    stdout=out_w,
-                    stderr=err_w,
-                    user=spec.user,
-                    group=spec.group,
-                    umask=spec.umask,
-                    rlimits=spec.rlimits,
-                )
-            )
+            if self._preloader is None:
+                pid = spawn(request)
+            else:
+                pid = await self._preloader.spawn(request)
         except BaseException:
             for fd in (out_r, err_r):
                 os.close(fd)
@@ -546,7 +483,8 @@ class Worker:
         finally:
             os.close(out_w)
             os.close(err_w)
-        # no await between spawn and watch: the reaper must know the pid first
+        # no await between spawn and watch (a forked worker's early exit waits, unclaimed,
+        # in the reaper: `since` tells it from an older process of the same pid)
         exited = self._deps.reaper.watch(pid, since=before)
         exited.add_done_callback(lambda _: self._group_gone(pid))
         now = time.monotonic()
@@ -555,6 +493,9 @@ class Worker:
             health_sock=health_sock, last_ping=now, next_sample=now + SAMPLE_INTERVAL,
         )
         self._proc = proc  # from here on, _recover can find (and kill) it
+        early, self._early = self._early, []
+        for message in early:
+            self._on_notify(message)
         self._deps.logs.attach(self.index, pid, "stdout", out_r)
         self._deps.logs.attach(self.index, pid, "stderr", err_r)
         proc.sampler = TreeSampler(pid)
@@ -588,18 +529,11 @@ class Worker:
         """
         return self.spec.ready == "health" or self._state is WorkerState.RUNNING
 
-    def _child_env(self, file_env: Mapping[str, str], notify_path: str) -> dict[str, str]:
-        spec = self.spec
-        env = clean_environ(self._deps.base_env)
-        env.update(file_env)
-        env.update(spec.env)
-        env["SVCD_SERVICE"] = spec.name
-        env["SVCD_WORKER"] = str(self.index)
-        env["SVCD_GENERATION"] = str(self.generation)
-        env["NOTIFY_SOCKET"] = notify_path
-        if spec.watchdog:
-            env["WATCHDOG_USEC"] = str(int(spec.watchdog * 1_000_000))
-        env["SVCD_DRAIN_TIMEOUT"] = f"{drain_timeout(spec.graceful_timeout):g}"
+    def _own_env(self, notify_path: str) -> dict[str, str]:
+        """What this slot's process adds to the service's environment."""
+        env = {"SVCD_WORKER": str(self.index), "NOTIFY_SOCKET": notify_path}
+        if self.spec.watchdog:
+            env["WATCHDOG_USEC"] = str(int(self.spec.watchdog * 1_000_000))
         return env
 
     def _ready_condition(self, proc: _Process) -> bool:
@@ -694,6 +628,8 @@ class Worker:
             return self._backoff.after_exit()
         if ended.spawn_error:
             return self._backoff.give_up(f"cannot start: {ended.spawn_error}")
+        if ended.start_failed:
+            return self._backoff.after_exit()
         status = ended.status
         if status is not None and status.code == EX_CONFIG:
             return self._backoff.give_up(f"exit code {EX_CONFIG} (EX_CONFIG): configuration error")
@@ -850,7 +786,13 @@ class Worker:
 
     def _on_notify(self, message: NotifyMessage) -> None:
         proc = self._proc
-        if proc is None or proc.exited.done():
+        if proc is None:
+            # a forked worker can say READY=1 before its pid reaches us: keep it for
+            # the replay in _launch (the endpoint belongs to this one launch)
+            if len(self._early) < MAX_EARLY_MESSAGES:
+                self._early.append(message)
+            return
+        if proc.exited.done():
             return
         if not _in_group(message.sender_pid, proc.pid):
             log.warning("%s: ignoring a notify message from pid %s, outside its process group",
@@ -924,15 +866,6 @@ def _group_alive(pgid: int) -> bool:
 def _status(exited: asyncio.Future[ExitStatus]) -> ExitStatus | None:
     """The exit status, or None when the reaper was closed before the process ended."""
     return None if exited.cancelled() else exited.result()
-
-
-def drain_timeout(graceful_timeout: float) -> float:
-    """The drain bound a worker is told: a little under the SIGKILL deadline.
-
-    A worker that gives up draining on its own can still close its connections
-    cleanly and exit; one that is SIGKILLed mid-drain resets them.
-    """
-    return max(graceful_timeout * DRAIN_SHARE, graceful_timeout - DRAIN_MARGIN)
 
 
 def _signal_number(name: str) -> signal.Signals:

@@ -11,12 +11,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervisor.environment import MAX_ENV_FILE_BYTES, read_env_file
 from supervisor.events import Event, EventBus
 from supervisor.spec import BackoffSpec, HealthSpec
 from supervisor.states import WorkerState
 from supervisor.stats import TreeSampler, WorkerStats
 from supervisor.supervisor import Supervisor
-from supervisor.worker import MAX_ENV_FILE_BYTES, read_env_file
 from tests.programs.harness import (
     FAST_BACKOFF,
     events_of,

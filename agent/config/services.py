@@ -122,6 +122,7 @@ def read_service(
     min_ready = t.integer("min_ready", None, minimum=0, maximum=MAX_WORKERS)
     umask = t.mode("umask", None)
     rlimits = t.open_table("rlimits", values.rlimit, vocabulary=RLIMITS)
+    preload = t.boolean("preload", ServiceSpec.preload)
     health = read_health(t.sub("health"))
     backoff = read_backoff(t.sub("backoff"))
     logs = read_logs(t.sub("logs"))
@@ -167,6 +168,7 @@ def read_service(
         min_ready=min_ready,
         umask=umask,
         rlimits=rlimits,
+        preload=preload,
         advertise=advertise,
         deregister_delay=deregister_delay,
         meta=meta,

@@ -1,0 +1,40 @@
+"""A server_core worker that tells how it was made, for the preload tests.
+
+`GET /` answers JSON: its pid, the pid of the process that imported this module (the
+preload template when forked, itself when exec'd) and its SVCD_WORKER/SVCD_GENERATION.
+When the file named by $FAIL_IF_EXISTS exists, importing fails (a broken deploy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from server_core import Request, Response, Worker
+
+IMPORTED_IN = os.getpid()
+
+if os.path.exists(os.environ.get("FAIL_IF_EXISTS", "/nonexistent")):
+    sys.exit("preload_app: broken on purpose")
+
+
+def main() -> None:
+    worker = Worker("http://127.0.0.1:0")
+
+    @worker.on_message
+    async def answer(conn: object, request: Request) -> str | Response:
+        if request.path == "/healthz":
+            return Response("ok\n")
+        return json.dumps({
+            "pid": os.getpid(),
+            "imported_in": IMPORTED_IN,
+            "worker": os.environ.get("SVCD_WORKER"),
+            "generation": os.environ.get("SVCD_GENERATION"),
+        })
+
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()
