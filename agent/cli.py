@@ -8,15 +8,16 @@ Exit codes (SPEC.md): 0 done; 1 the action failed (rolled back where that applie
 2 usage error, unknown service or rejected config; 3 agent unreachable; 4 permission
 denied.
 
-Hot path: `svctl status --json` imports argparse, json, grpc and the generated messages,
-nothing else (rich is imported by agent.cli_render only for tables, etcd only for
-discover); tests/test_cli.py checks it.
+Hot path: `svctl status` is timed against `supervisorctl status` (issue 2, bench/
+supervisor/bench_status.py), and a short-lived process pays for every import. It loads
+argparse, grpc and the generated messages; the table adds agent.cli_render and
+agent.cli_table (stdlib only, no rich), `--json` adds json; etcd only for discover.
+tests/test_cli.py checks it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import stat
 import sys
@@ -217,7 +218,13 @@ def _value(value: Any) -> Any:
 
 
 def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.write(_json_line(obj))
+
+
+def _json_line(obj: Any) -> str:
+    import json  # not on the table's path
+
+    return json.dumps(obj) + "\n"
 
 
 # ---------------------------------------------------------------- commands
@@ -323,7 +330,7 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     out = sys.stdout
     for line in client.stream("Logs", request, pb.LogLine):
         if args.json:
-            out.write(json.dumps(to_dict(line)) + "\n")
+            out.write(_json_line(to_dict(line)))
         else:
             # worker -1: a line of svcd itself about the stream (e.g. lines dropped)
             who = line.service if line.worker < 0 else f"{line.service}:{line.worker}"
@@ -358,7 +365,7 @@ def cmd_events(client: Client, args: argparse.Namespace) -> int:
         fields = event.pop("fields")
         if args.json:
             # like supervisor.events.Event.as_dict: type-specific fields at the top level
-            out.write(json.dumps({**fields, **event}) + "\n")
+            out.write(_json_line({**fields, **event}))
         else:
             out.write(format_event(event) + "\n")
         if args.follow:

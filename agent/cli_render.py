@@ -1,23 +1,25 @@
-"""Tables for `svctl status` (rich); imported only when a table is printed.
+"""The `svctl status` table: what goes in it; agent.cli_table lays it out.
 
 Works on the status as plain data (the dict `svctl status --json` prints), so the
 table and the JSON can never disagree about what a field means. Columns follow
 Workerman's `status` (pid, memory, connections, send_fail, timers, requests, qps,
 state) plus health, restarts and uptime; each service gets a summary row, the host a
 summary line, and exit statuses are counted like Workerman's exit table.
+
+Stdlib only (no rich): `svctl status` is a short-lived process whose wall time is
+dominated by imports, and the table is measured against `supervisorctl status`
+(bench/supervisor/bench_status.py). Colour only on a terminal (agent.cli_table).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import IO, Any
 
-from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
+from agent.cli_table import RULE_UNICODE, Table, Text, rule_char, use_color
 
 STATE_STYLES = {
     "running": "green",
@@ -30,6 +32,7 @@ STATE_STYLES = {
     "fatal": "bold red",
 }
 HEALTH_STYLES = {"passing": "green", "failing": "bold red", "unknown": "dim"}
+REGISTRY_STYLES = {"connected": "green", "disconnected": "bold red"}
 COLUMNS = (
     "worker", "pid", "state", "health", "restarts", "uptime", "memory", "cpu",
     "conns", "requests", "qps", "send_fail", "timers",
@@ -39,8 +42,13 @@ RIGHT_ALIGNED = frozenset(
      "send_fail", "timers"}
 )
 KIB = 1024.0
-#: Width used when stdout is not a terminal (a pipe, a file): never squeeze columns there.
-PIPE_WIDTH = 200
+#: `status --watch` on a terminal: cursor home, then each line clears what the previous
+#: frame left to its right, and the end clears what is left below (no flicker).
+HOME = "\x1b[H"
+CLEAR_EOL = "\x1b[K"
+CLEAR_BELOW = "\x1b[J"
+#: Terminal height when the terminal will not say.
+FALLBACK_LINES = 24
 
 
 def human_bytes(n: float) -> str:
@@ -65,17 +73,17 @@ def human_duration(seconds: float) -> str:
 
 
 def _styled(value: str, styles: dict[str, str]) -> Text:
-    return Text(value, style=styles.get(value, ""))
+    return Text(value, styles.get(value, ""))
 
 
-def _worker_row(w: dict[str, Any]) -> list[RenderableType]:
+def _worker_row(w: dict[str, Any]) -> list[str | Text]:
     alive = bool(w["pid"])
     state = _styled(w["state"], STATE_STYLES)
     if w.get("last_exit") and w["state"] in ("exited", "backoff", "fatal"):
-        state.append(f" ({w['last_exit']})", style="dim")
+        state.append(f" ({w['last_exit']})", "dim")
     health = _styled(w["health"], HEALTH_STYLES)
     if w.get("health_reason") and w["health"] == "failing":
-        health.append(f" {w['health_reason']}", style="dim")
+        health.append(f" {w['health_reason']}", "dim")
     return [
         w["worker"] + ("" if w["ready"] else "*"),
         str(w["pid"]) if alive else "-",
@@ -93,39 +101,10 @@ def _worker_row(w: dict[str, Any]) -> list[RenderableType]:
     ]
 
 
-def _service_table(svc: dict[str, Any]) -> Table:
-    title = Text.assemble(
-        (svc["name"], "bold"),
-        "  ",
-        (svc["state"], STATE_STYLES.get(svc["state"], "")),
-        f"  {svc['ready']}/{svc['desired']} ready  generation {svc['generation']}",
-    )
-    if svc.get("listen"):
-        title.append("  " + " ".join(svc["listen"]), style="dim")
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
-                  pad_edge=False, padding=(0, 1), collapse_padding=True)
-    for name in COLUMNS:
-        table.add_column(
-            name,
-            justify="right" if name in RIGHT_ALIGNED else "left",
-            no_wrap=True,
-            min_width=len(name),
-        )
-    workers = svc["workers"]
-    for w in workers:
-        table.add_row(*_worker_row(w))
-    endings = [
-        f"{w['worker']} last ended: {w['last_exit_reason']}"
-        for w in workers
-        if w.get("last_exit_reason") and w["restarts"]
-    ]
-    if endings:
-        table.caption = "\n".join(endings)
-        table.caption_justify = "left"
+def _total_row(workers: list[dict[str, Any]]) -> list[str | Text]:
     alive = [w for w in workers if w["pid"]]
-    table.add_section()
-    table.add_row(
-        Text("total", style="bold"),
+    return [
+        "total",
         "",
         f"{sum(1 for w in workers if w['state'] == 'running')}/{len(workers)} up",
         f"{sum(1 for w in workers if w['health'] == 'failing')} failing",
@@ -138,9 +117,32 @@ def _service_table(svc: dict[str, Any]) -> Table:
         f"{sum(w['qps'] for w in workers):.1f}",
         str(sum(w.get("send_fail", 0) for w in workers)),
         str(sum(w.get("timers", 0) for w in workers)),
-        style="bold",
+    ]
+
+
+def _service_lines(svc: dict[str, Any], color: bool, rule: str) -> list[str]:
+    """Title line, the worker table with its total row, then how workers last ended."""
+    title = (
+        Text(svc["name"], "bold")
+        .append("  ")
+        .append(svc["state"], STATE_STYLES.get(svc["state"], ""))
+        .append(f"  {svc['ready']}/{svc['desired']} ready  generation {svc['generation']}")
     )
-    return table
+    if svc.get("listen"):
+        title.append("  " + " ".join(svc["listen"]), "dim")
+    table = Table(COLUMNS, right=RIGHT_ALIGNED)
+    workers = svc["workers"]
+    for w in workers:
+        table.add_row(_worker_row(w))
+    table.add_section()
+    table.add_row(_total_row(workers), style="bold")
+    lines = [title.render(color), *table.lines(color, rule)]
+    lines.extend(
+        f"{w['worker']} last ended: {w['last_exit_reason']}"
+        for w in workers
+        if w.get("last_exit_reason") and w["restarts"]
+    )
+    return lines
 
 
 def _host_line(status: dict[str, Any]) -> Text:
@@ -149,18 +151,19 @@ def _host_line(status: dict[str, Any]) -> Text:
     ready = sum(1 for w in workers if w["ready"])
     desired = sum(s["desired"] for s in status["services"])
     registry = agent["registry"]
-    registry_style = {"connected": "green", "disconnected": "bold red"}.get(registry, "dim")
-    return Text.assemble(
-        ("svcd ", "bold"),
-        (agent["name"], "bold cyan"),
-        f"  v{agent['version']}  pid {agent['pid']}  up {human_duration(agent['uptime_s'])}  ",
-        "registry ",
-        (registry, registry_style),
-        f"  services {len(status['services'])}  workers {ready}/{desired} ready"
-        f"  memory {human_bytes(sum(w['rss_bytes'] for w in workers if w['pid']))}"
-        f"  connections {sum(w['connections'] for w in workers)}"
-        f"  requests {sum(w['requests'] for w in workers)}"
-        f"  qps {sum(w['qps'] for w in workers):.1f}",
+    return (
+        Text("svcd ", "bold")
+        .append(agent["name"], "bold cyan")
+        .append(f"  v{agent['version']}  pid {agent['pid']}"
+                f"  up {human_duration(agent['uptime_s'])}  registry ")
+        .append(registry, REGISTRY_STYLES.get(registry, "dim"))
+        .append(
+            f"  services {len(status['services'])}  workers {ready}/{desired} ready"
+            f"  memory {human_bytes(sum(w['rss_bytes'] for w in workers if w['pid']))}"
+            f"  connections {sum(w['connections'] for w in workers)}"
+            f"  requests {sum(w['requests'] for w in workers)}"
+            f"  qps {sum(w['qps'] for w in workers):.1f}"
+        )
     )
 
 
@@ -175,39 +178,33 @@ def _exit_table(services: Iterable[dict[str, Any]]) -> Table | None:
         rows.extend((svc["name"], how, n) for how, n in sorted(counts.items()))
     if not rows:
         return None
-    table = Table(title="exit status", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("service")
-    table.add_column("exit")
-    table.add_column("count", justify="right")
+    table = Table(("service", "exit", "count"), right=("count",))
     for name, how, n in rows:
-        table.add_row(name, how, str(n))
+        table.add_row([name, how, str(n)])
     return table
 
 
-def render_status(status: dict[str, Any]) -> RenderableType:
-    parts: list[RenderableType] = [_host_line(status)]
+def status_lines(status: dict[str, Any], color: bool = False,
+                 rule: str = RULE_UNICODE) -> list[str]:
+    """The whole `svctl status` output, line by line (no newlines)."""
+    lines = [_host_line(status).render(color)]
     for svc in status["services"]:
-        parts.append(Text(""))
-        parts.append(_service_table(svc))
+        lines.append("")
+        lines.extend(_service_lines(svc, color, rule))
     exits = _exit_table(status["services"])
     if exits is not None:
-        parts.append(Text(""))
-        parts.append(exits)
+        lines.append("")
+        lines.append(Text("exit status", "bold").render(color))
+        lines.extend(exits.lines(color, rule))
     if not status["services"]:
-        parts.append(Text("no services configured", style="dim"))
-    return Group(*parts)
+        lines.append(Text("no services configured", "dim").render(color))
+    return lines
 
 
-def make_console() -> Console:
-    """A console for stdout; as wide as the terminal, or PIPE_WIDTH when not one."""
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=PIPE_WIDTH)
-    return console
-
-
-def print_status(status: dict[str, Any], console: Console | None = None) -> None:
-    (console or make_console()).print(render_status(status))
+def print_status(status: dict[str, Any], out: IO[str] | None = None) -> None:
+    stream = out or sys.stdout
+    lines = status_lines(status, use_color(stream), rule_char(stream))
+    stream.write("\n".join(lines) + "\n")
 
 
 class QpsFromDeltas:
@@ -229,19 +226,40 @@ class QpsFromDeltas:
         self._last = seen
 
 
+def _terminal_lines(stream: IO[str]) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).lines
+    except (AttributeError, ValueError, OSError):
+        return FALLBACK_LINES
+
+
 def watch_status(
-    fetch: Callable[[], dict[str, Any]], interval: float, count: int = 0
+    fetch: Callable[[], dict[str, Any]], interval: float, count: int = 0,
+    out: IO[str] | None = None,
 ) -> None:
-    """Redraw the status in place every `interval` s; `count` refreshes (0: until Ctrl-C)."""
+    """Redraw the status every `interval` s; `count` refreshes (0: until Ctrl-C).
+
+    On a terminal each frame replaces the previous one in place; elsewhere (a pipe, a
+    file) frames follow one another, a blank line apart.
+    """
+    stream = out or sys.stdout
+    color = use_color(stream)
+    in_place = bool(getattr(stream, "isatty", None) and stream.isatty())
+    rule = rule_char(stream)
     qps = QpsFromDeltas()
-    console = make_console()
-    status = fetch()
-    qps.apply(status, time.monotonic())
-    with Live(render_status(status), console=console, auto_refresh=False) as live:
-        n = 1
-        while count == 0 or n < count:
+    n = 0
+    while count == 0 or n < count:
+        if n:
             time.sleep(interval)
-            status = fetch()
-            qps.apply(status, time.monotonic())
-            live.update(render_status(status), refresh=True)
-            n += 1
+        status = fetch()
+        qps.apply(status, time.monotonic())
+        lines = status_lines(status, color, rule)
+        if in_place:
+            # like watch(1): a frame taller than the terminal would scroll, and the
+            # next one would no longer start at the top
+            lines = lines[: max(1, _terminal_lines(stream) - 1)]
+            stream.write(HOME + "".join(line + CLEAR_EOL + "\n" for line in lines) + CLEAR_BELOW)
+        else:
+            stream.write(("\n" if n else "") + "\n".join(lines) + "\n")
+        stream.flush()
+        n += 1

@@ -15,6 +15,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from agent import cli
+from agent import cli, cli_render, cli_table
 from agent.control import ControlServer
 from agent.core import AgentCore
 from tests.agent_proc import ROOT, AgentProcess, worker_command
@@ -40,8 +41,8 @@ from tests.waiting import wait_for_sync
 pytestmark = pytest.mark.timeout(120)
 
 TIMEOUT = 20.0
-#: Modules `svctl status --json` must not import (STYLE.md: svctl never imports
-#: supervisor/; rich only for tables; etcd only for discover).
+#: Modules `svctl status` (table or --json) must not import (STYLE.md: svctl never
+#: imports supervisor/; the table is drawn without rich; etcd only for discover).
 FORBIDDEN_ON_HOT_PATH = ("rich", "supervisor", "etcd3aio", "psutil", "agent.core", "agent.config")
 
 
@@ -90,6 +91,120 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info, redirect_stderr(io.StringIO()):
         cli.run(argv)
     assert info.value.code == 2
+
+
+# ---------------------------------------------------------------- the table (no agent)
+
+
+class Tty(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def worker_status(index: int, **fields: Any) -> dict[str, Any]:
+    base = {"worker": f"api:{index}", "index": index, "pid": 1000 + index, "generation": 1,
+            "state": "running", "ready": True, "health": "passing", "restarts": 0,
+            "uptime_s": 65.0, "rss_bytes": 21.5 * 2**20, "cpu_percent": 0.5,
+            "connections": 3, "requests": 1234, "qps": 5.0, "send_fail": 0, "timers": 1,
+            "exit_counts": {}, "last_exit": "", "last_exit_reason": "", "health_reason": ""}
+    return {**base, **fields}
+
+
+def sample_status() -> dict[str, Any]:
+    crashed = worker_status(
+        1, pid=0, state="backoff", ready=False, health="failing", restarts=2,
+        last_exit="signal SIGKILL", last_exit_reason="killed by SIGKILL",
+        health_reason="connection refused", exit_counts={"signal SIGKILL": 2, "code 1": 1},
+    )
+    return {
+        "agent": {"name": "web-1", "version": "0.1.0", "pid": 41, "uptime_s": 12.5,
+                  "registry": "disabled"},
+        "services": [{"name": "api", "state": "running", "desired": 2, "ready": 1,
+                      "generation": 1, "listen": ["tcp://127.0.0.1:8080"],
+                      "workers": [worker_status(0), crashed]}],
+    }
+
+
+def test_status_table_lines() -> None:
+    lines = cli_render.status_lines(sample_status())
+    assert lines[0].startswith("svcd web-1  v0.1.0  pid 41  up 12s  registry disabled")
+    assert "workers 1/2 ready" in lines[0]
+    assert lines[2] == "api  running  1/2 ready  generation 1  tcp://127.0.0.1:8080"
+    header = lines[3].split()
+    assert header == list(cli_render.COLUMNS)
+    assert set(lines[4]) == {"\u2500"} and len(lines[4]) == max(len(line) for line in lines[3:9])
+    rows = {line.split()[0]: line for line in lines[5:7]}
+    assert rows["api:0"].split() == ["api:0", "1000", "running", "passing", "0", "1m05s",
+                                     "21.5M", "0.5%", "3", "1234", "5.0", "0", "1"]
+    # not ready: a star; no process: dashes; how it ended and why the check fails
+    assert rows["api:1*"].split()[:6] == ["api:1*", "-", "backoff", "(signal", "SIGKILL)",
+                                          "failing"]
+    assert "connection refused" in rows["api:1*"]
+    assert set(lines[7]) == {"\u2500"}
+    assert lines[8].split()[:5] == ["total", "1/2", "up", "1", "failing"]
+    assert lines[9] == "api:1 last ended: killed by SIGKILL"
+    exits = lines[lines.index("exit status") + 3:]
+    assert [line.split() for line in exits] == [["api", "code", "1", "1"],
+                                                ["api", "signal", "SIGKILL", "2"]]
+    for line in lines:
+        assert line == line.rstrip(), repr(line)  # no trailing spaces
+    # right-aligned numbers: every cell of a column ends where its header ends
+    pid_end = lines[3].index("pid") + len("pid")
+    assert rows["api:0"][pid_end - 4:pid_end] == "1000"
+
+
+def test_status_table_without_services() -> None:
+    status = {**sample_status(), "services": []}
+    assert cli_render.status_lines(status)[1:] == ["no services configured"]
+
+
+def test_colour_only_on_a_terminal_that_allows_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert cli_table.use_color(Tty()) and not cli_table.use_color(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not cli_table.use_color(Tty())
+    monkeypatch.setenv("NO_COLOR", "")  # no-color.org: empty means unset
+    assert cli_table.use_color(Tty())
+    monkeypatch.setenv("TERM", "dumb")
+    assert not cli_table.use_color(Tty())
+
+
+def test_colour_changes_no_visible_character() -> None:
+    plain = cli_render.status_lines(sample_status(), color=False)
+    coloured = cli_render.status_lines(sample_status(), color=True)
+    assert plain != coloured
+    strip = re.compile(r"\x1b\[[0-9;]*m")
+    assert [strip.sub("", line) for line in coloured] == plain
+    assert "\x1b[1;31mfailing" in "".join(coloured)  # bold red
+
+
+def test_rule_falls_back_to_ascii() -> None:
+    assert cli_table.rule_char(io.TextIOWrapper(io.BytesIO(), encoding="utf-8")) == "\u2500"
+    assert cli_table.rule_char(io.TextIOWrapper(io.BytesIO(), encoding="ascii")) == "-"
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    cli_render.print_status(sample_status(), out)  # no UnicodeEncodeError
+    out.flush()
+
+
+def test_table_rejects_a_row_of_the_wrong_width() -> None:
+    table = cli_table.Table(("a", "b"))
+    with pytest.raises(ValueError, match="1 cells for 2 columns"):
+        table.add_row(["x"])
+
+
+def test_watch_redraws_in_place_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = Tty()
+    cli_render.watch_status(sample_status, interval=0.01, count=2, out=out)
+    frames = out.getvalue().split(cli_render.HOME)
+    assert frames[0] == "" and len(frames) == 3
+    assert all(f.endswith(cli_render.CLEAR_BELOW) and "api:0" in f for f in frames[1:])
+    piped = io.StringIO()
+    cli_render.watch_status(sample_status, interval=0.01, count=2, out=piped)
+    assert "\x1b" not in piped.getvalue() and piped.getvalue().count("svcd web-1") == 2
 
 
 # ---------------------------------------------------------------- unreachable
@@ -339,22 +454,24 @@ def svcd(tmp_path: Path) -> Iterator[AgentProcess]:
 
 
 @pytest.mark.slow
-def test_status_json_hot_path_imports(svcd: AgentProcess) -> None:
-    """`svctl status --json` pays for grpc and the messages, not for rich or supervisor/."""
+@pytest.mark.parametrize("extra", [("--json",), ()], ids=["json", "table"])
+def test_status_hot_path_imports(svcd: AgentProcess, extra: tuple[str, ...]) -> None:
+    """`svctl status` pays for grpc and the messages, not for rich or supervisor/; the
+    table does not load json either."""
+    forbidden = FORBIDDEN_ON_HOT_PATH + (() if extra else ("json",))
     script = textwrap.dedent(
         f"""
-        import json, sys
+        import sys
         from agent import cli
-        code = cli.run(["--socket", {svcd.socket!r}, "status", "--json"])
+        code = cli.run(["--socket", {svcd.socket!r}, "status", *{extra!r}])
         loaded = sorted(m for m in sys.modules
-                        if any(m == f or m.startswith(f + ".") for f in {FORBIDDEN_ON_HOT_PATH!r}))
-        print(json.dumps({{"code": code, "loaded": loaded}}))
+                        if any(m == f or m.startswith(f + ".") for f in {forbidden!r}))
+        sys.stderr.write(repr((code, loaded)))
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=60, cwd=ROOT)
-    report = json.loads(result.stdout.splitlines()[-1])
-    assert report == {"code": 0, "loaded": []}, result.stderr
+    assert result.stderr == repr((0, [])), result.stderr
 
 
 @pytest.mark.slow

@@ -1,6 +1,13 @@
 """`svctl status` wall time against the peers' status commands (issue 2). Goal: <= 1.5x
 `supervisorctl status`, both managing two workers.
 
+svctl is measured as users install it: `pip install .` (a regular, non-editable
+install) into a venv of its own, bench/.work/venv-svcd, rebuilt from the working tree
+at every run (its dependencies are installed once). The editable install of the dev
+venv (.venv) is measured beside it and labelled so: its site hook
+(`__editable___svcd_*_finder`) costs every `python` there ~25 ms. supervisorctl,
+circusctl and PM2 come from their own venvs / prefix (bench/peers/install.sh).
+
 One run: svcd (one service, 2 workers of the stdlib test worker), supervisord (2
 programs), circusd (one watcher, 2 processes) and PM2 (fork mode, 2 apps) all run at
 once, each with the same worker program; then
@@ -9,13 +16,14 @@ once, each with the same worker program; then
    `hyperfine -N --warmup 3 --runs 30 --export-json ...` (no shell in between);
 2. our own loop of 30 rounds runs the commands interleaved (round i runs each once), so
    a burst of load from elsewhere hits every command alike;
-3. reference points in the same run: `python -c pass` (and with -S: without the site
-   hook of the venv's editable install of svcd, which every `python` here pays),
-   `python -c "import grpc"`, and the import of everything `svctl status` loads, which
-   split svctl's time into interpreter start, imports and the call itself;
-4. `python -X importtime` of `svctl status` (and of `--json`): the heaviest imports.
+3. reference points in the same run: `python -c pass` of each venv (and with -S:
+   without any site hook), `python -c "import grpc"`, and the import of everything
+   `svctl status` loads, which split svctl's time into interpreter start, imports and
+   the call itself;
+4. `python -X importtime` of `svctl status` (and of `--json`), installed and editable:
+   the heaviest imports.
 
-Run: .venv/bin/python bench/supervisor/bench_status.py [--runs 30]
+Run: .venv/bin/python bench/supervisor/bench_status.py [--runs 30] [--no-install]
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    PEERS_ENV,
     PYTHON,
     REPO,
     SVCTL,
@@ -51,6 +60,9 @@ from common import (
 from peers import Circus, Peer, Pm2, Supervisord
 
 GOAL_RATIO = 1.5
+#: The bench-only venv holding a regular (non-editable) install of svcd.
+SVCD_VENV = PEERS_ENV.parent / "venv-svcd"
+PIP_TIMEOUT = 900.0  # seconds: the first install downloads grpcio and friends
 WORKERS = 2
 IMPORTTIME_RUNS = 3  # importtime is noisy too: keep the run with the least total
 TOP_IMPORTS = 15
@@ -77,6 +89,43 @@ def hyperfine(commands: dict[str, list[str]], runs: int, out: Path,
             "system_ms": round(entry["system"] * 1000, 1),
         }
     return results
+
+
+def install_svcd(venv: Path, reinstall: bool = True) -> dict[str, Any]:
+    """`pip install REPO` (non-editable) into `venv`; returns what was installed.
+
+    The dependencies are installed the first time only; svcd itself is rebuilt from the
+    working tree every time (`--force-reinstall --no-deps`), so the figures belong to
+    the code in the tree (its commit and whether agent/ had local changes are recorded).
+    """
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+
+    def run(argv: list[str]) -> None:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=PIP_TIMEOUT)
+        if proc.returncode != 0:
+            raise BenchError(f"{shlex.join(argv)} failed: {proc.stderr[-2000:]}")
+
+    fresh = not python.exists()
+    if fresh:
+        run([sys.executable, "-m", "venv", str(venv)])
+        run([*pip, str(REPO)])
+    elif reinstall:
+        run([*pip, "--force-reinstall", "--no-deps", str(REPO)])
+    check = subprocess.run(  # the installed package, not the tree, answers the import
+        [str(python), "-c", "import agent, sys; sys.stdout.write(agent.__file__)"],
+        capture_output=True, text=True, timeout=60, cwd=venv)
+    if check.returncode != 0 or not check.stdout.startswith(str(venv)):
+        raise BenchError(f"svcd is not installed in {venv}: {check.stdout}{check.stderr}")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO,
+                              timeout=60).stdout.strip()
+
+    return {"venv": str(venv.relative_to(REPO)), "installed_from": "working tree",
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "agent_dirty": bool(git("status", "--porcelain", "--", "agent")),
+            "fresh_venv": fresh}
 
 
 def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -113,12 +162,13 @@ def own_loop(commands: dict[str, list[str]], runs: int, env: dict[str, str]) -> 
 IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
 
 
-def importtime(cmd: list[str]) -> dict[str, Any]:
-    """Top-level imports of `cmd` (a python -m ... command) by cumulative µs, best of N."""
+def importtime(python: str, cmd: list[str], cwd: Path) -> dict[str, Any]:
+    """Top-level imports of `cmd` (a python -m ... command) by cumulative µs, best of N.
+    `cwd` matters: `-m` puts it first on sys.path (the repo would shadow an install)."""
     best: dict[str, Any] | None = None
     for _ in range(IMPORTTIME_RUNS):
-        proc = subprocess.run([PYTHON, "-X", "importtime", *cmd], capture_output=True,
-                              text=True, timeout=60, cwd=REPO)
+        proc = subprocess.run([python, "-X", "importtime", *cmd], capture_output=True,
+                              text=True, timeout=60, cwd=cwd)
         rows: list[tuple[str, int]] = []
         for line in proc.stderr.splitlines():
             m = IMPORT_LINE.match(line)
@@ -136,10 +186,15 @@ def importtime(cmd: list[str]) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--no-install", action="store_true",
+                        help=f"measure the svcd already installed in {SVCD_VENV}")
     args = parser.parse_args()
     tools = peers()
     result: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv),
                               "workers": WORKERS}
+    result["svcd_install"] = install_svcd(SVCD_VENV, reinstall=not args.no_install)
+    installed_python = str(SVCD_VENV / "bin" / "python")
+    installed_svctl = str(SVCD_VENV / "bin" / "svctl")
     procs = Procs()
     agent: Svcd | None = None
     with run_dir("status") as tmp:
@@ -155,22 +210,28 @@ def main() -> int:
                 if tool in tools:
                     started[name] = make(procs, tmp, tools, WORKERS).start()
             env = dict(os.environ)
+            status = ["--socket", agent.socket, "status"]
             commands: dict[str, list[str]] = {
-                "svctl status": [SVCTL, "--socket", agent.socket, "status"],
-                "svctl status --json": [SVCTL, "--socket", agent.socket, "status", "--json"],
+                "svctl status": [installed_svctl, *status],
+                "svctl status --json": [installed_svctl, *status, "--json"],
+                "svctl status (editable dev venv)": [SVCTL, *status],
+                "svctl status --json (editable dev venv)": [SVCTL, *status, "--json"],
             }
             for name, peer in started.items():
                 commands[name] = peer.status_argv
                 env.update(peer.status_env)
+            svctl_imports = "import agent.cli, agent.cli_render, grpc, agent._pb.agent_pb2"
             references = {
-                "python -c pass": [PYTHON, "-c", "pass"],
-                "python -S -c pass (no site hook)": [PYTHON, "-S", "-c", "pass"],
-                "python -c 'import grpc'": [PYTHON, "-c", "import grpc"],
-                "python: svctl status's imports": [
-                    PYTHON, "-c",
-                    "import agent.cli, agent.paths, grpc, agent._pb.agent_pb2, agent.cli_render",
-                ],
+                "python -c pass (svcd venv)": [installed_python, "-c", "pass"],
+                "python -c pass (editable dev venv)": [PYTHON, "-c", "pass"],
+                "python -S -c pass (no site hook)": [installed_python, "-S", "-c", "pass"],
+                "python -c 'import grpc'": [installed_python, "-c", "import grpc"],
+                "python: svctl status's imports": [installed_python, "-c", svctl_imports],
             }
+            if "supervisorctl" in tools:
+                supervisor_python = str(Path(tools["supervisorctl"]).parent / "python")
+                references["python -c pass (supervisor's venv)"] = [
+                    supervisor_python, "-c", "pass"]
             for cmd in commands.values():  # every command works before it is timed
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
                 if out.returncode != 0:
@@ -183,10 +244,11 @@ def main() -> int:
                     f"hyperfine -N --warmup 3 --runs {args.runs} --export-json FILE "
                     + " ".join(f"-n {shlex.quote(n)} CMD" for n in everything))
             result["own_loop"] = own_loop(everything, args.runs, env)
-            svctl_cmd = ["-m", "agent.cli", "--socket", agent.socket, "status"]
+            svctl_cmd = ["-m", "agent.cli", *status]
             result["importtime"] = {
-                "svctl status": importtime(svctl_cmd),
-                "svctl status --json": importtime([*svctl_cmd, "--json"]),
+                "svctl status": importtime(installed_python, svctl_cmd, tmp),
+                "svctl status --json": importtime(installed_python, [*svctl_cmd, "--json"], tmp),
+                "svctl status (editable dev venv)": importtime(PYTHON, svctl_cmd, REPO),
             }
             for source in ("hyperfine", "own_loop"):
                 figures = result.get(source)
@@ -214,7 +276,7 @@ def main() -> int:
             print(f"{source}: median ms (ratio to supervisorctl)")
             ratios = result.get(f"{source}_ratios", {})
             for name, v in result[source].items():
-                line = f"  {name:34s} {v['median']:8.1f}  {ratios.get(name, '')}"
+                line = f"  {name:42s} {v['median']:8.1f}  {ratios.get(name, '')}"
                 if "cpu_ms" in v:
                     line += (f"   cpu {v['cpu_ms']['median']:7.1f} ms "
                              f"{result['own_loop_cpu_ratios'].get(name, '')}")
