@@ -38,7 +38,7 @@ from typing import Any
 
 from supervisor.environment import service_env
 from supervisor.logs import LogStore
-from supervisor.reaper import ExitStatus, Reaper, signal_group
+from supervisor.reaper import ExitStatus, Reaper, signal_group, signal_process
 from supervisor.spawn import PRIVATE_PREFIX, SpawnError, SpawnRequest, spawn
 from supervisor.spec import ServiceSpec
 
@@ -99,8 +99,19 @@ class Preloader:
             if self._closed:
                 raise PreloadFailed(f"generation {self.generation} is retired")
             if not self.running:
-                await self._start()
-            return await self._fork(req)
+                try:
+                    await self._start()
+                except BaseException:
+                    self._abandon()  # half started (or cancelled): the next one starts fresh
+                    raise
+            # Once the request is sent a worker will exist: a caller cancelled meanwhile
+            # must not leave it running unwatched, so the fork finishes regardless.
+            fork = asyncio.ensure_future(self._fork(req))
+            try:
+                return await asyncio.shield(fork)
+            except asyncio.CancelledError:
+                fork.add_done_callback(_kill_orphan)
+                raise
 
     async def close(self) -> None:
         """End the template and reap it (idempotent; the forked workers live on)."""
@@ -204,6 +215,16 @@ class Preloader:
         await self._end()
         raise PreloadFailed(why)
 
+    def _abandon(self) -> None:
+        """Drop a template at once (no waiting): SIGKILL; the reaper collects it."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+        exited, self._exited = self._exited, None
+        if exited is not None and not exited.done():
+            signal_group(self.pid, signal.SIGKILL)
+        self._logs.detach(PRELOAD_LOG_SLOT, self.pid)
+
     async def _end(self) -> None:
         """Close the channel, wait (bounded) for the template to exit, reap it."""
         channel, self._channel = self._channel, None
@@ -220,3 +241,13 @@ class Preloader:
                 await asyncio.wait([exited], timeout=EXIT_TIMEOUT)
             await self._logs.wait_eof(PRELOAD_LOG_SLOT, self.pid, grace=0.5)
             self._logs.detach(PRELOAD_LOG_SLOT, self.pid)
+
+
+def _kill_orphan(fork: asyncio.Future[int]) -> None:
+    """A worker forked for a caller that was cancelled meanwhile: nobody supervises it."""
+    if fork.cancelled() or fork.exception() is not None:
+        return
+    pid = fork.result()
+    log.warning("killing worker pid %d: forked for a start that was cancelled", pid)
+    signal_process(pid, signal.SIGKILL)  # it may not lead its own group yet
+    signal_group(pid, signal.SIGKILL)

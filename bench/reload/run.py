@@ -13,6 +13,7 @@ SIGTERM -> exit, and the `reloaded` event's total.
 Systems (each the way its users run it):
 - `svcd-core`: svcd + examples/hello.py (server_core), `svctl reload`
 - `svcd-core-surge2`: the same with `max_surge = 2` (both slots roll at once)
+- `svcd-core-preload`: the same with `preload = true` (workers forked from a template)
 - `svcd-gunicorn`: svcd + `gunicorn --preload --workers 1` per svcd worker, `svctl reload`
 - `svcd-uvicorn`: svcd + tests/programs/uvicorn_launcher.py, `svctl reload`
 - `svcd-uvicorn-fd` (only with `--only`): svcd + `uvicorn --fd 3`, `ready = "started"`:
@@ -305,6 +306,13 @@ class SvcdCoreSurge2(SvcdCore):
     service_extra = "max_surge = 2\n"
 
 
+class SvcdCorePreload(SvcdCore):
+    """server_core forked from a per-generation template (`preload = true`)."""
+
+    name = "svcd-core-preload"
+    service_extra = "preload = true\n"
+
+
 class SvcdGunicorn(Svcd):
     name = "svcd-gunicorn"
     needs = ("gunicorn",)
@@ -472,12 +480,12 @@ class Circus(System):
 
 SYSTEMS: dict[str, type[System]] = {
     cls.name: cls
-    for cls in (SvcdCore, SvcdCoreSurge2, SvcdGunicorn, SvcdUvicorn, SvcdUvicornFd,
+    for cls in (SvcdCore, SvcdCoreSurge2, SvcdCorePreload, SvcdGunicorn, SvcdUvicorn, SvcdUvicornFd,
                 Gunicorn, Uvicorn, Pm2Cluster, Circus)
 }
 #: run only when named in --only: they show what not to do, not a peer
 OPT_IN = ("svcd-uvicorn-fd",)
-SVCD_SYSTEMS = ("svcd-core", "svcd-gunicorn")
+SVCD_SYSTEMS = ("svcd-core", "svcd-core-preload", "svcd-gunicorn")
 
 
 # --- svcd's own timeline --------------------------------------------------------------

@@ -163,11 +163,22 @@ def main() -> int:
     with run_dir("kill") as tmp:
         try:
             if wanted("svcd"):
-                hello_port, stdlib_port = free_port(), free_port()
+                hello_port, stdlib_port, preload_port = free_port(), free_port(), free_port()
                 services = svcd_service("hello", hello_command(hello_port), hello_port, 1)
                 services += svcd_service("stdlib", stdlib_command(), stdlib_port, 1)
+                services += svcd_service("preload", hello_command(preload_port), preload_port, 1,
+                                         extra="preload = true")
                 agent = Svcd(procs, tmp, services).start()
                 svcd = agent
+
+                def preload_victim() -> int:
+                    return svcd.worker_pid("preload")
+
+                def preload_replaced(old: int) -> bool:
+                    return svcd.worker_pid("preload") != old
+
+                targets.append(Target("svcd-preload", preload_port, preload_victim,
+                                      answers_pid=False, check_new=preload_replaced))
 
                 def hello_victim() -> int:
                     return svcd.worker_pid("hello")
@@ -233,7 +244,7 @@ def main() -> int:
                     base = s.get("median")
                 if t.name.startswith("svcd") and agent is not None:
                     entry["breakdown"] = svcd_breakdown(
-                        agent, "hello" if t.name == "svcd-hello" else "stdlib", t.kills)
+                        agent, t.name.removeprefix("svcd-"), t.kills)
                 result["targets"][t.name] = entry
             for name, values in bare.items():
                 if values:
@@ -247,7 +258,9 @@ def main() -> int:
             result["settle_s"] = SETTLE
             result["goal_ms"] = GOAL_MS
             result["workers"] = {"svcd-stdlib": str(STDLIB_WORKER),
-                                 "svcd-hello": "examples/hello.py", "peers": str(TINY_HTTP)}
+                                 "svcd-hello": "examples/hello.py",
+                                 "svcd-preload": "examples/hello.py, preload = true",
+                                 "peers": str(TINY_HTTP)}
         finally:
             if agent is not None:
                 agent.stop()
