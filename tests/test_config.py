@@ -156,6 +156,7 @@ max_surge = 2
 max_unavailable = 1
 min_ready = 2
 umask = "0027"
+preload = true
 [services.api.rlimits]
 nofile = 4096
 core = "unlimited"
@@ -202,7 +203,7 @@ meta = { zone = "a", weight = 3 }
     assert (api.ready_timeout, api.graceful_timeout) == (90.0, 60.0)
     assert api.max_memory == 1 << 30 and api.watchdog == 10.0
     assert (api.max_surge, api.max_unavailable, api.min_ready) == (2, 1, 2)
-    assert api.umask == 0o027
+    assert api.umask == 0o027 and api.preload
     assert dict(api.rlimits) == {
         "nofile": 4096,
         "core": resource.RLIM_INFINITY,
@@ -351,6 +352,7 @@ ERRORS = [
     (service("max_memory = 1.5"), "services.api.max_memory", "got a float"),
     (service('umask = "0999"'), "services.api.umask", "octal"),
     (service("umask = 4096"), "services.api.umask", "between 0 and 0o777"),
+    (service('preload = "yes"'), "services.api.preload", "true or false"),
     (service("max_surge = -1"), "services.api.max_surge", "must be >= 0"),
     (service("max_surge = 0"), "services.api.max_surge", "cannot both be 0"),
     (service("count = 2\nmin_ready = 3"), "services.api.min_ready", "must be <= count (2)"),
