@@ -276,6 +276,26 @@ def test_registry_settings(tmp_path: Path) -> None:
     assert config.services["api"].deregister_delay == 1.5
 
 
+def test_registry_password_file(tmp_path: Path) -> None:
+    """A mounted secret: read at load, its final newline dropped; bad files named."""
+    write(tmp_path, "secret", "s3cret\n")
+    base = MINIMAL + "[registry]\nendpoints = 'embedded'\nusername = 'u'\n"
+    registry = load(tmp_path, base + "password_file = 'secret'\n").registry
+    assert registry is not None and registry.password == "s3cret"
+    write(tmp_path, "empty", "")
+    for extra, reason in (
+        ("password_file = 'empty'\n", "is empty"),
+        ("password_file = 'missing'\n", "not an existing file"),
+        ("password_file = 'secret'\npassword = 'p'\n", "not both"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load(tmp_path, base + extra)
+        assert any(
+            p.key == "registry.password_file" and reason in p.reason
+            for p in info.value.problems
+        ), (extra, info.value.problems)
+
+
 def test_embedded_registry(tmp_path: Path) -> None:
     registry = load(tmp_path, MINIMAL + '[registry]\nendpoints = "embedded"\n').registry
     assert registry is not None and registry.embedded and registry.endpoints == ()

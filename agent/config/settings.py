@@ -169,9 +169,13 @@ def read_registry(t: Table) -> RegistrySettings:
     timeout = t.duration("timeout", DEFAULT_REGISTRY_TIMEOUT)
     username = t.string("username", None)
     password = t.string("password", None)
+    if t.has("password_file"):
+        if t.has("password"):
+            t.problem("password_file", "give password or password_file, not both")
+        password = _read_secret(t, "password_file")
     if (username is None) != (password is None):
         missing = "password" if password is None else "username"
-        if t.ok("username", "password"):
+        if t.ok("username", "password", "password_file"):
             t.problem(missing, "is required: username and password go together")
     ca_cert = t.readable_file("ca_cert")
     cert = t.readable_file("cert")
@@ -205,3 +209,30 @@ def read_registry(t: Table) -> RegistrySettings:
         grpc_naming_prefix=naming,
         deregister_delay=deregister_delay,
     )
+
+
+#: Largest secret file read (a password, not a document).
+MAX_SECRET_BYTES = 64 * 1024
+
+
+def _read_secret(t: Table, name: str) -> str | None:
+    """The text of a secret file (a mounted Kubernetes Secret, a systemd credential),
+    without its final newline; None (and a problem) when it cannot be used."""
+    path = t.readable_file(name)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SECRET_BYTES + 1)
+        text = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        t.problem(name, f"{show(path)} cannot be read: {exc}")
+        return None
+    if len(data) > MAX_SECRET_BYTES:
+        t.problem(name, f"{show(path)} is larger than {MAX_SECRET_BYTES} bytes")
+        return None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        t.problem(name, f"{show(path)} is empty")
+        return None
+    return secret
