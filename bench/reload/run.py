@@ -279,8 +279,8 @@ class Svcd(System):
         return json.loads(self.svctl("status", "--json").stdout)  # type: ignore[no-any-return]
 
     def worker_pids(self) -> set[int]:
-        assert self.proc is not None
-        return children(self.proc.pid)
+        # from status, not the agent's children: a preload template is a child too
+        return {w["pid"] for w in self.status()["services"][0]["workers"] if w["pid"]}
 
     def reload(self) -> None:
         out = self.svctl("reload", "web")
