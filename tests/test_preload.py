@@ -150,7 +150,7 @@ graceful_timeout = 2
             return w if w["last_exit"].startswith("preload failed") else None
 
         w = wait_for_sync(failed, WAIT, "the preload failure reported")
-        assert not w["ready"] and w["state"] in ("backoff", "starting", "exited", "fatal")
+        assert w is not None and not w["ready"] and w["state"] in ("backoff", "starting", "exited", "fatal")
         assert agent.proc is not None and agent.proc.poll() is None  # the agent carries on
     finally:
         assert agent.stop() == 0
@@ -182,3 +182,30 @@ def test_stop_ends_template_and_workers(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         wait_for_sync(lambda: all_ready(agent, 1), WAIT, "started again")
         assert len(templates(agent)) == 1
+
+
+def test_a_dead_template_is_started_again_for_the_next_worker(tmp_path: Path) -> None:
+    port = free_port()
+    with AgentProcess(tmp_path, services(port, tmp_path / "fail")) as agent:
+        (template,) = templates(agent)
+        template.kill()  # an OOM kill, say: the workers serve on
+        template.wait(10)
+        assert all_ready(agent, 1)
+        before = set(agent.worker_pids("api"))
+        victim = sorted(before)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_for_sync(
+            lambda: all_ready(agent, 1) and victim not in agent.worker_pids("api"),
+            WAIT, "the killed worker replaced",
+        )
+        (fresh,) = templates(agent)
+        assert fresh.pid != template.pid
+        (replacement,) = set(agent.worker_pids("api")) - before
+        assert psutil.Process(replacement).ppid() == agent.proc.pid  # type: ignore[union-attr]
+
+        def from_replacement() -> dict[str, Any] | None:
+            answer = ask(port)
+            return answer if answer["pid"] == replacement else None
+
+        answer = wait_for_sync(from_replacement, WAIT, "an answer from the replacement")
+        assert answer is not None and answer["imported_in"] == fresh.pid
