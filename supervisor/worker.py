@@ -377,19 +377,10 @@ class Worker:
             proc = await self._launch()
         except PreloadFailed as exc:
             # like a process that died at start: backoff and start limit apply
-            self._set_state(WorkerState.STARTING, "started", message="preload failed")
-            self.last_exit = f"preload failed: {exc}"
-            self.end_reason = self.last_exit
-            self.exits += 1
-            self._set_state(WorkerState.EXITED, "exited", message=self.last_exit)
+            self._never_started(f"preload failed: {exc}")
             return _Ended(None, start_failed=str(exc))
         except (SpawnError, OSError, ValueError) as exc:
-            # EXITED/BACKOFF/FATAL -> STARTING -> EXITED: the process never existed
-            self._set_state(WorkerState.STARTING, "started", message="spawn failed")
-            self.last_exit = f"spawn failed: {exc}"
-            self.end_reason = self.last_exit
-            self.exits += 1
-            self._set_state(WorkerState.EXITED, "exited", message=self.last_exit)
+            self._never_started(f"spawn failed: {exc}")
             return _Ended(None, spawn_error=str(exc))
         deadline_ready = proc.started + self.spec.ready_timeout
         while True:
@@ -434,6 +425,13 @@ class Worker:
             elif watchdog and self._state is WorkerState.RUNNING:
                 wake_at = min(wake_at, proc.last_ping + watchdog + 0.001)
             await self._sleep_until(wake_at)
+
+    def _never_started(self, reason: str) -> None:
+        """EXITED/BACKOFF/FATAL -> STARTING -> EXITED: the process never existed."""
+        self._set_state(WorkerState.STARTING, "started", message=reason.split(":")[0])
+        self.last_exit = self.end_reason = reason
+        self.exits += 1
+        self._set_state(WorkerState.EXITED, "exited", message=reason)
 
     async def _launch(self) -> _Process:
         """Start a process (spawn it, or fork it from the generation's preload
