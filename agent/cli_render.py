@@ -47,8 +47,6 @@ KIB = 1024.0
 HOME = "\x1b[H"
 CLEAR_EOL = "\x1b[K"
 CLEAR_BELOW = "\x1b[J"
-#: Terminal height when the terminal will not say.
-FALLBACK_LINES = 24
 
 
 def human_bytes(n: float) -> str:
@@ -227,10 +225,11 @@ class QpsFromDeltas:
 
 
 def _terminal_lines(stream: IO[str]) -> int:
+    """Rows of the terminal behind `stream`; 0 when it will not say (a pty of size 0x0)."""
     try:
         return os.get_terminal_size(stream.fileno()).lines
     except (AttributeError, ValueError, OSError):
-        return FALLBACK_LINES
+        return 0
 
 
 def watch_status(
@@ -257,7 +256,9 @@ def watch_status(
         if in_place:
             # like watch(1): a frame taller than the terminal would scroll, and the
             # next one would no longer start at the top
-            lines = lines[: max(1, _terminal_lines(stream) - 1)]
+            rows = _terminal_lines(stream)
+            if rows > 1:
+                lines = lines[: rows - 1]
             stream.write(HOME + "".join(line + CLEAR_EOL + "\n" for line in lines) + CLEAR_BELOW)
         else:
             stream.write(("\n" if n else "") + "\n".join(lines) + "\n")
