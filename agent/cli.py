@@ -42,8 +42,6 @@ QUERY_TIMEOUT = 10.0
 WATCH_INTERVAL = 1.0
 #: Default number of log lines / events shown before following.
 DEFAULT_LOG_LINES = 100
-#: Width of `--help` when neither $COLUMNS nor a terminal says (argparse's own default).
-DEFAULT_HELP_COLUMNS = 80
 ETCD_ENV = "SVCD_ETCD"
 DEFAULT_PREFIX = "/svcd"
 METHOD_PREFIX = "/svcd.v1.Agent/"
@@ -101,15 +99,6 @@ class Client:
         )
         timeout = self.timeout if self.timeout is not None else (QUERY_TIMEOUT if query else None)
         result: M = stub(request, timeout=timeout)
-        return result
-
-    def call_raw(self, method: str, request: bytes, *, query: bool = False) -> bytes:
-        """Unary call with bytes in and out (agent.cli_wire encodes and decodes)."""
-        stub = self.channel.unary_unary(
-            METHOD_PREFIX + method, request_serializer=None, response_deserializer=None
-        )
-        timeout = self.timeout if self.timeout is not None else (QUERY_TIMEOUT if query else None)
-        result: bytes = stub(request, timeout=timeout)
         return result
 
     def stream(self, method: str, request: Message, response: type[M]) -> Iterator[M]:
@@ -242,18 +231,12 @@ def _json_line(obj: Any) -> str:
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
-    # svctl's own codec, not the generated messages: google.protobuf would be a seventh
-    # of the command's time (agent.cli_wire says why and how it stays in step)
-    from agent import cli_wire
-
-    request = cli_wire.encode_status_request(args.service or "")
+    from agent._pb import agent_pb2 as pb
 
     def fetch() -> dict[str, Any]:
-        raw = client.call_raw("Status", request, query=True)
-        try:
-            return cli_wire.decode_status(raw)
-        except cli_wire.WireError as exc:
-            raise CliError(EXIT_FAILED, f"unreadable answer from svcd: {exc}") from None
+        response = client.call("Status", pb.StatusRequest(service=args.service or ""),
+                               pb.StatusResponse, query=True)
+        return to_dict(response)
 
     if args.json and not args.watch:
         _print_json(fetch())
@@ -455,109 +438,12 @@ def _say(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
 # ---------------------------------------------------------------- arguments
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """argparse's own, told the width: left to itself it imports shutil for that, and
-    argparse builds a formatter for every add_argument (~4 ms of `svctl status`)."""
-
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, width=_help_width())
-
-
-def _help_width() -> int:
-    """What argparse would use: $COLUMNS, else the terminal's width, else 80; minus 2."""
-    try:
-        columns = int(os.environ.get("COLUMNS", ""))
-    except ValueError:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-        except (AttributeError, ValueError, OSError):
-            columns = DEFAULT_HELP_COLUMNS
-    return columns - 2
-
-
-def _status_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("service", nargs="?", help="only this service")
-    p.add_argument("--watch", "-w", action="store_true", help="refresh live")
-    p.add_argument("--interval", type=_positive_float, default=WATCH_INTERVAL,
-                   help="seconds between refreshes with --watch")
-    p.add_argument("--count", type=_non_negative_int, default=0,
-                   help="with --watch: stop after N refreshes (0: until interrupted)")
-
-
-def _service_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("service")
-
-
-def _reload_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("service", nargs="?")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
-    p.add_argument("--previous", action="store_true",
-                   help="re-apply the config applied before the current one")
-    p.add_argument("--no-wait", action="store_true", help="return once the reload has started")
-
-
-def _scale_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("service")
-    p.add_argument("count", type=_non_negative_int)
-
-
-def _logs_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("service")
-    p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("-n", "--lines", type=_non_negative_int, default=DEFAULT_LOG_LINES,
-                   help=f"last N lines first (default {DEFAULT_LOG_LINES})")
-    p.add_argument("--worker", type=_non_negative_int, help="only this worker index")
-
-
-def _events_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--follow", action="store_true")
-    p.add_argument("-n", "--lines", type=_non_negative_int, default=0,
-                   help="at most the last N events of the history (default: all kept)")
-
-
-def _probe_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("kind", choices=("live", "ready"))
-    p.add_argument("service", nargs="?")
-
-
-def _discover_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("service")
-    p.add_argument("--watch", "-w", action="store_true", help="print again on every change")
-    p.add_argument("--etcd", metavar="URL[,URL...]",
-                   help=f"etcd endpoints (default: ${ETCD_ENV}, else the agent's registry)")
-    p.add_argument("--prefix", help=f"key prefix (default: the agent's, else {DEFAULT_PREFIX})")
-
-
-#: Every command: its name, help line and arguments, in the order `svctl -h` lists them.
-SUBCOMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
-    ("status", "show the agent, its services and every worker", _status_arguments),
-    ("start", "start every worker of a service", _service_argument),
-    ("stop", "stop every worker of a service (graceful)", _service_argument),
-    ("restart", "stop every worker of a service, then start (a capacity gap)",
-     _service_argument),
-    ("reload", "rolling reload of a service, or (no service) apply the config file",
-     _reload_arguments),
-    ("scale", "set the number of workers of a service", _scale_arguments),
-    ("logs", "show (and follow) the output of a service's workers", _logs_arguments),
-    ("events", "show (and follow) lifecycle events", _events_arguments),
-    ("probe", "exit 0 when the agent (or a service) is live/ready, else 1", _probe_arguments),
-    ("discover", "usable endpoints of a service across all hosts (from etcd)",
-     _discover_arguments),
-)
-#: svctl's own options that take a value (`--socket PATH` or `--socket=PATH`).
-VALUE_OPTIONS = frozenset({"--socket", "--address", "--tls-cert", "--tls-key", "--tls-ca",
-                           "--timeout"})
-
-
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """svctl's parser; with `only`, that command's sub-parser alone (argparse spends
-    ~1 ms per sub-parser it builds, and one run needs one of them)."""
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="svctl",
         description="Control a running svcd agent.",
         epilog="exit codes: 0 done, 1 action failed, 2 usage or unknown service, "
         "3 agent unreachable, 4 permission denied",
-        formatter_class=_HelpFormatter,
     )
     where = parser.add_argument_group("connection")
     where.add_argument("--socket", metavar="PATH",
@@ -572,31 +458,56 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", default=False,
                         help="machine-readable output")
     # every command also takes --json after its name
-    common = argparse.ArgumentParser(add_help=False, formatter_class=_HelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="machine-readable output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, helptext, add_arguments in SUBCOMMANDS:
-        if only is None or name == only:
-            add_arguments(sub.add_parser(name, help=helptext, description=helptext,
-                                         parents=[common], formatter_class=_HelpFormatter))
+
+    def command(name: str, helptext: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=helptext, description=helptext, parents=[common])
+
+    p = command("status", "show the agent, its services and every worker")
+    p.add_argument("service", nargs="?", help="only this service")
+    p.add_argument("--watch", "-w", action="store_true", help="refresh live")
+    p.add_argument("--interval", type=_positive_float, default=WATCH_INTERVAL,
+                   help="seconds between refreshes with --watch")
+    p.add_argument("--count", type=_non_negative_int, default=0,
+                   help="with --watch: stop after N refreshes (0: until interrupted)")
+    for name, helptext in (
+        ("start", "start every worker of a service"),
+        ("stop", "stop every worker of a service (graceful)"),
+        ("restart", "stop every worker of a service, then start (a capacity gap)"),
+    ):
+        command(name, helptext).add_argument("service")
+    p = command("reload", "rolling reload of a service, or (no service) apply the config file")
+    p.add_argument("service", nargs="?")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--previous", action="store_true",
+                   help="re-apply the config applied before the current one")
+    p.add_argument("--no-wait", action="store_true", help="return once the reload has started")
+    p = command("scale", "set the number of workers of a service")
+    p.add_argument("service")
+    p.add_argument("count", type=_non_negative_int)
+    p = command("logs", "show (and follow) the output of a service's workers")
+    p.add_argument("service")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", "--lines", type=_non_negative_int, default=DEFAULT_LOG_LINES,
+                   help=f"last N lines first (default {DEFAULT_LOG_LINES})")
+    p.add_argument("--worker", type=_non_negative_int, help="only this worker index")
+    p = command("events", "show (and follow) lifecycle events")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-n", "--lines", type=_non_negative_int, default=0,
+                   help="at most the last N events of the history (default: all kept)")
+    p = command("probe", "exit 0 when the agent (or a service) is live/ready, else 1")
+    p.add_argument("kind", choices=("live", "ready"))
+    p.add_argument("service", nargs="?")
+    p = command("discover", "usable endpoints of a service across all hosts (from etcd)")
+    p.add_argument("service")
+    p.add_argument("--watch", "-w", action="store_true", help="print again on every change")
+    p.add_argument("--etcd", metavar="URL[,URL...]",
+                   help=f"etcd endpoints (default: ${ETCD_ENV}, else the agent's registry)")
+    p.add_argument("--prefix", help=f"key prefix (default: the agent's, else {DEFAULT_PREFIX})")
     return parser
-
-
-def command_of(argv: Sequence[str]) -> str | None:
-    """The command word of `argv` when it is plain to see, else None (help, an
-    abbreviated option, an unknown command: the full parser decides and explains)."""
-    words = iter(argv)
-    for word in words:
-        if word in VALUE_OPTIONS:
-            next(words, None)
-        elif word == "--json" or word.split("=", 1)[0] in VALUE_OPTIONS:
-            continue
-        elif word.startswith("-"):
-            return None
-        else:
-            return word if any(word == name for name, _, _ in SUBCOMMANDS) else None
-    return None
 
 
 def _positive_float(text: str) -> float:
@@ -634,8 +545,7 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse, run one command, return the exit code (argparse exits 2 on usage errors)."""
-    words = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(only=command_of(words)).parse_args(words)
+    args = build_parser().parse_args(argv)
     clients: list[Client] = []
     target = "svcd"
 

@@ -28,11 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import DecodeError
 
-from agent import cli, cli_render, cli_table, cli_wire
-from agent._pb import agent_pb2 as pb
+from agent import cli, cli_render, cli_table
 from agent.control import ControlServer
 from agent.core import AgentCore
 from tests.agent_proc import ROOT, AgentProcess, worker_command
@@ -46,8 +43,7 @@ pytestmark = pytest.mark.timeout(120)
 TIMEOUT = 20.0
 #: Modules `svctl status` (table or --json) must not import (STYLE.md: svctl never
 #: imports supervisor/; the table is drawn without rich; etcd only for discover).
-FORBIDDEN_ON_HOT_PATH = ("rich", "supervisor", "etcd3aio", "psutil", "agent.core", "agent.config",
-                         "google.protobuf", "agent._pb")
+FORBIDDEN_ON_HOT_PATH = ("rich", "supervisor", "etcd3aio", "psutil", "agent.core", "agent.config")
 
 
 def svctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -75,36 +71,6 @@ def test_parser_accepts_json_before_and_after_the_command() -> None:
     assert (args.follow, args.lines, args.worker) == (True, 5, 1)
     args = parser.parse_args(["discover", "api", "--etcd", "http://a:1,http://b:2", "--watch"])
     assert args.etcd == "http://a:1,http://b:2" and args.watch
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["status"],
-        ["--json", "status", "api"],
-        ["--socket", "/s", "status", "--watch", "--count", "2"],
-        ["--socket=/s", "--timeout", "3", "logs", "api", "-f", "-n", "5"],
-        ["--socket", "status", "stop", "api"],  # a socket named "status"
-        ["reload", "--dry-run"],
-        ["scale", "api", "3"],
-        ["probe", "ready", "api", "--json"],
-        ["discover", "api", "--etcd", "http://a:1"],
-        ["--address", "h:1", "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a", "events"],
-    ],
-)
-def test_parsing_with_only_the_command_needed_gives_the_same_arguments(argv: list[str]) -> None:
-    only = cli.command_of(argv)
-    assert only is not None and only in argv
-    assert cli.build_parser(only=only).parse_args(argv) == cli.build_parser().parse_args(argv)
-
-
-@pytest.mark.parametrize(
-    "argv", [[], ["-h"], ["--help", "status"], ["--sock", "x", "status"], ["frobnicate"],
-             ["--", "status"], ["--socket"]],
-)
-def test_the_full_parser_decides_what_is_not_plain(argv: list[str]) -> None:
-    """Help, abbreviated options, unknown commands: every command must be known."""
-    assert cli.command_of(argv) is None
 
 
 @pytest.mark.parametrize(
@@ -239,132 +205,6 @@ def test_watch_redraws_in_place_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -
     piped = io.StringIO()
     cli_render.watch_status(sample_status, interval=0.01, count=2, out=piped)
     assert "\x1b" not in piped.getvalue() and piped.getvalue().count("svcd web-1") == 2
-
-
-# ---------------------------------------------------------------- the Status codec
-
-
-SCALAR_KINDS = {
-    FieldDescriptor.TYPE_STRING: cli_wire.STRING,
-    FieldDescriptor.TYPE_INT64: cli_wire.INT64,
-    FieldDescriptor.TYPE_DOUBLE: cli_wire.DOUBLE,
-    FieldDescriptor.TYPE_BOOL: cli_wire.BOOL,
-    FieldDescriptor.TYPE_ENUM: cli_wire.ENUM,
-}
-
-
-def schema_from_descriptors(desc: Any, out: dict[str, Any]) -> dict[str, Any]:
-    """cli_wire.SCHEMA as the generated code sees agent.proto (and struct.proto)."""
-    if desc.full_name in out:
-        return out
-    fields: list[Any] = []
-    out[desc.full_name] = fields
-
-    def kind(field: FieldDescriptor) -> str:
-        if field.message_type is None:
-            return SCALAR_KINDS[field.type]
-        schema_from_descriptors(field.message_type, out)
-        return str(field.message_type.full_name)
-
-    for f in desc.fields:
-        entry = f.message_type
-        if entry is not None and entry.GetOptions().map_entry:
-            key, value = entry.fields_by_name["key"], entry.fields_by_name["value"]
-            fields.append((f.number, f.name, ("map", kind(key), kind(value)), False))
-        else:
-            fields.append((f.number, f.name, kind(f), f.is_repeated))
-    out[desc.full_name] = tuple(fields)
-    return out
-
-
-def test_wire_schema_matches_the_proto() -> None:
-    """Add a field to agent.proto and this fails until cli_wire.SCHEMA has it too."""
-    assert schema_from_descriptors(pb.StatusResponse.DESCRIPTOR, {}) == cli_wire.SCHEMA
-
-
-def full_status() -> pb.StatusResponse:
-    """Every field set, with the awkward values: negative and 64-bit ints, unicode,
-    maps, and a Struct holding every kind of Value."""
-    response = pb.StatusResponse(
-        agent=pb.AgentInfo(name="wéb-1 ✓", version="0.1.0", pid=2**40, uptime_s=12.5,
-                           registry="connected"),
-    )
-    svc = response.services.add(name="api", state="running", desired=2, ready=1,
-                                generation=3, listen=["tcp://127.0.0.1:1", "unix:/x"],
-                                required_ready=1, reloads=4, advertise="10.0.0.1:1",
-                                log_lines_dropped=5, log_lines_cut=2**62)
-    svc.meta["zone"] = "a"
-    svc.meta[""] = ""
-    worker = svc.workers.add()
-    for number, name, kind, _ in cli_wire.SCHEMA["svcd.v1.WorkerStatus"]:
-        if kind == cli_wire.STRING:
-            setattr(worker, name, f"{name} ü")
-        elif kind == cli_wire.INT64:
-            setattr(worker, name, -number if number % 2 else 2**63 - number)
-        elif kind == cli_wire.DOUBLE:
-            setattr(worker, name, number + 0.25)
-        elif kind == cli_wire.BOOL:
-            setattr(worker, name, True)
-    worker.exit_counts["signal SIGKILL"] = 2
-    worker.exit_counts["code -1"] = -1
-    metrics = worker.metrics.add()
-    metrics.update({"int": 3, "float": 2.5, "big": 2.0**60, "neg": -7, "text": "t",
-                    "yes": True, "no": False, "none": None,
-                    "list": [1, "a", None, [2.5, {"deep": True}]], "nested": {"x": {"y": 1}}})
-    worker.metrics.add()  # an empty Struct
-    svc.workers.add(worker="api:1")  # defaults only
-    response.services.add()  # an empty service
-    return response
-
-
-@pytest.mark.parametrize(
-    "message", [full_status(), pb.StatusResponse(), pb.StatusResponse(agent=pb.AgentInfo())],
-    ids=["full", "empty", "empty-agent"],
-)
-def test_wire_decode_equals_the_generated_code(message: pb.StatusResponse) -> None:
-    decoded, expected = cli_wire.decode_status(message.SerializeToString()), cli.to_dict(message)
-    # the same JSON, int/float types included (1 == 1.0 in Python, not in JSON text);
-    # maps may come in another order (upb's), message fields in declaration order
-    assert json.dumps(decoded, sort_keys=True) == json.dumps(expected, sort_keys=True)
-    assert list(decoded) == list(expected)
-    assert list(decoded["agent"]) == list(expected["agent"])
-    for got, want in zip(decoded["services"], expected["services"], strict=True):
-        assert list(got) == list(want)
-        assert [list(w) for w in got["workers"]] == [list(w) for w in want["workers"]]
-
-
-def test_wire_decode_skips_fields_it_does_not_know() -> None:
-    """A newer agent may send more fields: ignored, like the generated code does."""
-    known = full_status().SerializeToString()
-    unknown = (
-        bytes([15 << 3 | 0]) + b"\x96\x01"  # varint
-        + bytes([14 << 3 | 1]) + b"\x00" * 8  # 64-bit
-        + bytes([13 << 3 | 2]) + b"\x03abc"  # length-delimited
-        + bytes([12 << 3 | 5]) + b"\x00" * 4  # 32-bit
-        + b"\x80\x01\x00"  # field 16 (a two-byte tag), varint 0
-    )
-    assert cli_wire.decode_status(unknown + known + unknown) == cli_wire.decode_status(known)
-    assert cli.to_dict(pb.StatusResponse.FromString(unknown + known)) == cli.to_dict(full_status())
-
-
-def test_wire_decode_of_a_cut_answer_fails_where_protobuf_does() -> None:
-    """Every prefix of an answer: both refuse it, or both read the same status."""
-    raw = full_status().SerializeToString()
-    for end in range(len(raw)):
-        try:
-            expected = cli.to_dict(pb.StatusResponse.FromString(raw[:end]))
-        except DecodeError:
-            with pytest.raises(cli_wire.WireError):
-                cli_wire.decode_status(raw[:end])
-        else:
-            got = cli_wire.decode_status(raw[:end])
-            assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
-
-
-@pytest.mark.parametrize("service", ["", "api", "ünïcode-" + "x" * 300])
-def test_wire_encodes_the_status_request(service: str) -> None:
-    raw = cli_wire.encode_status_request(service)
-    assert raw == pb.StatusRequest(service=service).SerializeToString()
 
 
 # ---------------------------------------------------------------- unreachable
@@ -616,8 +456,8 @@ def svcd(tmp_path: Path) -> Iterator[AgentProcess]:
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [("--json",), ()], ids=["json", "table"])
 def test_status_hot_path_imports(svcd: AgentProcess, extra: tuple[str, ...]) -> None:
-    """`svctl status` pays for grpc, not for protobuf (agent.cli_wire decodes the
-    answer), rich or supervisor/; the table does not load json either."""
+    """`svctl status` pays for grpc and the messages, not for rich or supervisor/; the
+    table does not load json either."""
     forbidden = FORBIDDEN_ON_HOT_PATH + (() if extra else ("json",))
     script = textwrap.dedent(
         f"""
