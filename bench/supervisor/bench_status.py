@@ -220,7 +220,7 @@ def main() -> int:
             for name, peer in started.items():
                 commands[name] = peer.status_argv
                 env.update(peer.status_env)
-            svctl_imports = "import agent.cli, agent.cli_render, agent.cli_wire, grpc"
+            svctl_imports = "import agent.cli, agent.cli_render, agent._pb.agent_pb2, grpc"
             references = {
                 "python -c pass (svcd venv)": [installed_python, "-c", "pass"],
                 "python -c pass (editable dev venv)": [PYTHON, "-c", "pass"],
