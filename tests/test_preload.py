@@ -150,7 +150,8 @@ graceful_timeout = 2
             return w if w["last_exit"].startswith("preload failed") else None
 
         w = wait_for_sync(failed, WAIT, "the preload failure reported")
-        assert w is not None and not w["ready"] and w["state"] in ("backoff", "starting", "exited", "fatal")
+        assert w is not None and not w["ready"]
+        assert w["state"] in ("backoff", "starting", "exited", "fatal")
         assert agent.proc is not None and agent.proc.poll() is None  # the agent carries on
     finally:
         assert agent.stop() == 0
