@@ -10,8 +10,9 @@ and the runner starts a fresh driver for the next call.
 
 Invariants: the value the coroutine yielded at its first suspension is re-yielded to the
 task unchanged, so the task waits on the same future the coroutine waits on; a driver
-serves one coroutine at a time; an exception raised before the first suspension
-propagates to the caller of `run`, later ones become the task's exception.
+serves one coroutine at a time (one started while it runs another goes to a task); an
+exception raised before the first suspension propagates to the caller of `run`, later
+ones become the task's exception.
 Caveat (documented for users): until the first real suspension the handler runs outside
 any task, so `asyncio.current_task()` is None there, as with Python 3.12's eager tasks.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import types
 from collections.abc import Coroutine, Generator
-from typing import Any
+from typing import Any, cast
 
 DONE: Any = object()  # the driver's "finished, result in the box" signal
 
@@ -50,35 +51,61 @@ def _resume(
             return box[0]
 
 
+def _new_driver(box: list[Any]) -> types.GeneratorType[Any, Any, None]:
+    driver = cast("types.GeneratorType[Any, Any, None]", _drive(box))
+    driver.send(None)  # run to the first `yield DONE`
+    return driver
+
+
 async def _finish(driver: Generator[Any, Any, None], box: list[Any], yielded: Any) -> Any:
     return await _resume(driver, box, yielded)
 
 
 class EagerRunner:
-    """Runs coroutines to completion inline; suspended ones continue in a task."""
+    """Runs coroutines to completion inline; suspended ones continue in a task.
 
-    __slots__ = ("_driver", "box")
+    `run(coro)` is the whole protocol. The HTTP hot path spells it out instead, to save
+    a Python call per request: `value = runner.send(coro)` (on an exception: `failed()`,
+    then handle it); `value is DONE` means finished with the result in `box[0]`, else
+    `suspended(value)` gives the task that finishes it. Spelled out, it must first make
+    sure `driver.gi_running` is false (see `run`).
+    """
+
+    __slots__ = ("box", "driver", "send")
 
     def __init__(self) -> None:
         self.box: list[Any] = [None]  # box[0]: what the last inline run returned
-        self._driver = _drive(self.box)
-        self._driver.send(None)
+        self.driver = _new_driver(self.box)
+        self.send = self.driver.send
 
-    def _renew(self) -> None:
+    def failed(self) -> None:
+        """The coroutine just sent raised: that driver is finished too; start another."""
         self.box = [None]
-        self._driver = _drive(self.box)
-        self._driver.send(None)
+        self.driver = _new_driver(self.box)
+        self.send = self.driver.send
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run `coro`: DONE when it finished (its result is then `box[0]`), else the
-        task that finishes it."""
+        task that finishes it.
+
+        Called from inside a coroutine this runner is running (a handler whose
+        `conn.send()` starts the next pipelined request's handler), `coro` goes to a
+        task at once: the driver cannot run two coroutines, and the outer caller still
+        expects its result in `box`.
+        """
+        if self.driver.gi_running:
+            return asyncio.get_running_loop().create_task(coro)
         try:
-            value = self._driver.send(coro)
+            value = self.send(coro)
         except BaseException:
-            self._renew()  # the coroutine raised: that driver is finished too
+            self.failed()
             raise
         if value is DONE:
             return DONE
-        driver, box = self._driver, self.box
-        self._renew()
-        return asyncio.get_running_loop().create_task(_finish(driver, box, value))
+        return self.suspended(value)
+
+    def suspended(self, yielded: Any) -> asyncio.Task[Any]:
+        """The coroutine just sent suspended on `yielded`: a task continues it."""
+        driver, box = self.driver, self.box
+        self.failed()  # a fresh driver for the next coroutine (this one is busy)
+        return asyncio.get_running_loop().create_task(_finish(driver, box, yielded))

@@ -116,8 +116,13 @@ class Server:
         self.date_line = b""
         self.text_head = b""
         self.heads: tuple[bytes, bytes, bytes] = (b"", b"", b"")
+        # The last `str` an HTTP handler returned and its rendered keep-alive 200
+        # response, for this second's Date; always None while draining.
         self.cached_result: object = None
         self.cached_response = b""
+        # HTTP request heads already parsed, by their exact bytes (HttpConnection
+        # memoizes httptools' reading of repeated heads; the values are its own).
+        self.head_cache: dict[bytes, Any] = {}
         self._refresh_date()
         self._listeners: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -154,6 +159,7 @@ class Server:
     async def drain(self, limit: float, grace: float) -> None:
         """Finish the open connections gracefully; abort what is left after `limit` s."""
         self.draining = True
+        self.cached_result = None  # a cached response says keep-alive: not any more
         self.stop_listening()
         for conn in self._open():
             conn._drain_started()

@@ -365,3 +365,96 @@ async def test_endless_trailers_are_refused() -> None:
             await writer.drain()
         data = await read_to_eof(reader)
         assert data.startswith(b"HTTP/1.1 413 ")
+
+
+# ----- memoized request heads (HttpConnection's head cache) ---------------------------
+async def test_repeated_head_is_memoized_and_answered_like_the_first() -> None:
+    worker = echo_worker()
+    request = get("/", "X-Client: 1\r\n")
+    async with serving(worker) as port, connect(port) as (reader, writer):
+        replies = []
+        for _ in range(20):  # the cache samples misses: a repeated head is soon in it
+            writer.write(request)
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                replies.append(head + await reader.readexactly(len(b"hello")))
+        server = worker._server
+        assert server is not None and request in server.head_cache
+        assert len(set(replies)) <= 2  # the same bytes (the Date may tick once)
+        assert replies[-1].startswith(b"HTTP/1.1 200 OK\r\n")
+        assert replies[-1].endswith(b"\r\n\r\nhello")
+        assert b"onnection" not in replies[-1]
+        assert worker.stats.requests == 20
+        assert worker.stats.bytes_in == 20 * len(request)
+        assert worker.stats.bytes_out == sum(len(r) for r in replies)
+
+
+async def test_memoized_head_sees_headers_head_method_and_errors() -> None:
+    worker = echo_worker()
+    worker.on_error(lambda conn, exc: None)
+    async with serving(worker) as port, connect(port) as (reader, writer):
+        for _ in range(10):
+            writer.write(get("/headers", "X-A: b\r\n"))
+            assert (await read_reply(reader)).body == b'{"host":"t","x-a":"b"}'
+            writer.write(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n")
+            head = await read_reply(reader, head_only=True)
+            assert (head.status, head.headers["content-length"]) == (200, "5")
+            writer.write(get("/fail"))
+            assert (await read_reply(reader)).status == 500
+        writer.write(get())  # the connection is still in order after all that
+        assert (await read_reply(reader)).body == b"hello"
+
+
+async def test_memoized_head_is_not_taken_for_the_rest_of_a_split_request() -> None:
+    # A chunk equal to a memoized head must still go to httptools when it continues a
+    # request httptools has begun: here it ends the value of X-A. The beginning comes
+    # behind a whole request, so the connection is idle (answered) when `known` comes.
+    worker = echo_worker()
+    known = get("/headers")
+    async with serving(worker) as port, connect(port) as (reader, writer):
+        for _ in range(10):
+            writer.write(known)
+            await read_reply(reader)
+        server = worker._server
+        assert server is not None and known in server.head_cache
+        writer.write(get("/") + b"GET /headers HTTP/1.1\r\nX-A: ")
+        assert (await read_reply(reader)).body == b"hello"
+        writer.write(known)
+        reply = await read_reply(reader)
+        assert reply.body == b'{"x-a":"GET /headers HTTP/1.1","host":"t"}'
+
+
+async def test_handler_answering_with_send_before_pipelined_ones() -> None:
+    # conn.send() inside an inline async handler starts the next queued request's
+    # handler while the first one is still running (it used to get a 500).
+    worker = Worker("http://127.0.0.1:0")
+    errors: list[BaseException] = []
+    worker.on_error(lambda conn, exc: errors.append(exc))
+
+    @worker.on_message
+    async def handle(conn: HttpConnection, request: Request) -> None:
+        if request.path == "/slow":
+            await asyncio.sleep(0.02)  # the others queue behind it
+        conn.send("by hand " + request.path)
+
+    async with serving(worker) as port, connect(port) as (reader, writer):
+        paths = ["/slow", "/b", "/c", "/d"]
+        writer.write(b"".join(get(p) for p in paths))
+        bodies = [(await read_reply(reader)).body.decode() for _ in paths]
+        assert bodies == [f"by hand {p}" for p in paths]
+        assert errors == []
+
+
+async def test_memoized_head_with_a_handler_that_waits() -> None:
+    worker = Worker("http://127.0.0.1:0")
+
+    @worker.on_message
+    async def handle(conn: HttpConnection, request: Request) -> str:
+        await asyncio.sleep(0)  # every request suspends, memoized or not
+        return "waited"
+
+    async with serving(worker) as port, connect(port) as (reader, writer):
+        for _ in range(20):
+            writer.write(get())
+            assert (await read_reply(reader)).body == b"waited"
+        assert worker.stats.requests == 20

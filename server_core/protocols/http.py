@@ -48,11 +48,24 @@ if TYPE_CHECKING:
 
 IDLE, HEAD, BODY, BUSY, LINGER = range(5)
 
+# A memoized request head: method, target, headers, keep-alive mode, and whether a
+# cached rendered response may answer it (implicit keep-alive, not HEAD).
+CachedHead = tuple[bytes, bytes, tuple[tuple[bytes, bytes], ...], int, bool]
+
 CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # How long a half-closed connection waits for the peer to close (seconds).
 LINGER_TIMEOUT = 2
 # Requests queued behind an unanswered one before reading pauses.
 MAX_PIPELINED = 32
+# Memoized request heads (see HttpConnection._remember). Only chunks this short are
+# looked up (hashing a longer one would cost a miss more than a hit saves; Workerman
+# draws the same line); a server keeps at most this many (~0.5 MiB with their
+# requests); a miss is a candidate when the request count is a multiple of 8, so
+# traffic that never repeats pays little for the attempt while a head that repeats is
+# soon memoized.
+HEAD_CACHE_MAX_BYTES = 512
+HEAD_CACHE_ENTRIES = 512
+HEAD_CACHE_SAMPLING_MASK = 7
 # Header names we look at while parsing, by length (a cheap pre-filter).
 _WATCHED_LENGTHS = frozenset((6, 7, 10, 14))
 
@@ -72,6 +85,9 @@ class HttpConnection(Connection):
         "_expect_continue",
         "_head_bytes",
         "_headers",
+        "_memo_entry",
+        "_memo_key",
+        "_mid",
         "_out",
         "_parser",
         "_pending",
@@ -105,6 +121,11 @@ class HttpConnection(Connection):
         self._reject_status = 0
         self._reading_paused = False
         self._ws_request: Request | None = None
+        self._mid = False  # httptools has consumed part of a request (it is not at a boundary)
+        # While a chunk that may be memoized is parsed: the chunk, and what httptools
+        # made of it (see _remember); None otherwise.
+        self._memo_key: bytes | None = None
+        self._memo_entry: CachedHead | None = None
 
     def _handshake_first(self) -> bool:
         return self.server.websocket
@@ -112,10 +133,70 @@ class HttpConnection(Connection):
     # ----- input ------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         server = self.server
-        server.stats.bytes_in += len(data)
+        stats = server.stats
+        size = len(data)
+        stats.bytes_in += size
         if self._closing:
             return  # lingering: the peer's late bytes are read and dropped
+        memo_key = None
         if self._state == IDLE:
+            if not self._mid and self._pending is None and size <= HEAD_CACHE_MAX_BYTES:
+                # httptools is between requests, so what it makes of `data` depends on
+                # `data` alone: a head it parsed before needs no parsing (_remember).
+                entry = server.head_cache.get(data)
+                if entry is not None:
+                    # The hot path of keep-alive traffic, written out (EagerRunner.run
+                    # and _respond included): each Python call saved here is ~5 % of
+                    # its cost. Anything unusual goes to the general methods.
+                    method, url, headers, keep_alive, plain = entry
+                    request = Request()
+                    request._method = method
+                    request.url = url
+                    request.raw_headers = headers
+                    request.body = b""
+                    request.keep_alive = keep_alive
+                    request._headers = None
+                    stats.requests += 1
+                    self._state = BUSY
+                    self._pending = request
+                    try:
+                        # (called through locals: `obj.attr(...)` on an instance
+                        # attribute is a slow generic method lookup in CPython 3.11;
+                        # the runner is idle: the loop, not a handler, calls us)
+                        handler = server.http_handler
+                        if server.http_is_async:
+                            runner = server.runner
+                            send = runner.send
+                            try:
+                                value = send(handler(self, request))
+                            except BaseException:
+                                runner.failed()
+                                raise
+                            if value is not DONE:
+                                self._wait_for(request, runner.suspended(value))
+                                return
+                            result = runner.box[0]
+                        else:
+                            result = handler(self, request)
+                    except Exception as exc:
+                        self._handler_failed(request, exc)
+                        return
+                    if result is server.cached_result and plain and self._pending is request:
+                        # (the server keeps no cached result while it drains)
+                        self._pending = None
+                        data = server.cached_response
+                        stats.bytes_out += len(data)
+                        self.transport.write(data)
+                        self._state = IDLE
+                        self._since = server.tick
+                        if self._close_when_idle:
+                            self.close()
+                    elif result is not None and self._pending is request:
+                        self._respond(request, result)
+                    return
+                if not stats.requests & HEAD_CACHE_SAMPLING_MASK:
+                    # a candidate for the head cache, if it is one plain request
+                    self._memo_key = memo_key = data
             self._state = HEAD
             self._since = server.tick
             self._chunk_bytes = 0
@@ -125,15 +206,22 @@ class HttpConnection(Connection):
             self._parser.feed_data(data)
         except HttpParserUpgrade as exc:
             self._out = None
+            self._memo_key = self._memo_entry = None
             self._flush(out)
             self._upgraded(data[exc.args[0] :])
             return
         except HttpParserError:
             self._out = None
+            self._memo_key = self._memo_entry = None
             self._flush(out)
             self._fail(self._reject_status or 400)
             return
         self._out = None
+        if memo_key is not None:
+            entry = self._memo_entry
+            self._memo_key = self._memo_entry = None
+            if entry is not None and not self._mid:
+                self._remember(memo_key, entry)
         if out:
             payload = out[0] if len(out) == 1 else b"".join(out)
             server.stats.bytes_out += len(payload)
@@ -142,11 +230,11 @@ class HttpConnection(Connection):
             self._linger()
             return
         state = self._state
-        if state in (HEAD, BODY):
+        if state == HEAD or state == BODY:  # noqa: SIM109 (`in` a tuple is slower)
             # No request completed in this chunk, so all of it belongs to the current
             # one. This bounds what httptools buffers without telling us: one endless
             # header line, or endless chunked-body trailers.
-            self._chunk_bytes += len(data)
+            self._chunk_bytes += size
             if state == HEAD:
                 if self._chunk_bytes > server.max_header_bytes:
                     self._fail(431)
@@ -154,9 +242,9 @@ class HttpConnection(Connection):
                 self._fail(413)
         elif self._pending is not None:
             # Bytes for later requests pile up while this one is handled: bound them.
-            self._backlog_bytes += len(data)
+            self._backlog_bytes += size
             if (
-                self._backlog_bytes > self.server.max_header_bytes + self.server.max_body_bytes
+                self._backlog_bytes > server.max_header_bytes + server.max_body_bytes
                 and not self._reading_paused
             ):
                 self._reading_paused = True
@@ -167,6 +255,9 @@ class HttpConnection(Connection):
             self._write(out[0] if len(out) == 1 else b"".join(out))
 
     # httptools callbacks (looked up once, when the parser is created)
+    def on_message_begin(self) -> None:
+        self._mid = True
+
     def on_url(self, url: bytes) -> None:
         self._url += url
 
@@ -192,6 +283,7 @@ class HttpConnection(Connection):
             self._upgrade = value
         elif name == b"expect":
             self._expect_continue = value.lower() == b"100-continue"
+            self._memo_key = None  # parsing it has a side effect (100 Continue)
 
     def on_headers_complete(self) -> None:
         self._state = BODY
@@ -215,6 +307,7 @@ class HttpConnection(Connection):
             raise _Reject
 
     def on_message_complete(self) -> None:
+        self._mid = False
         if self._closing:
             return
         parser = self._parser
@@ -224,7 +317,9 @@ class HttpConnection(Connection):
             connection = self._connection_header
             if connection is not None:
                 self._connection_header = None
-                if b"keep-alive" in connection.lower():
+                # (find, not `in`: bytes.__contains__ first tries the argument as an
+                # int, and building that TypeError costs more than the search)
+                if connection.lower().find(b"keep-alive") >= 0:
                     keep_alive = KEEP_EXPLICIT
         body = self._body
         if body:
@@ -232,9 +327,15 @@ class HttpConnection(Connection):
             if isinstance(body, bytearray):
                 body = bytes(body)
         # an empty body is always b"" (a bytearray only ever holds two chunks or more)
-        request = Request(
-            parser.get_method(), self._url, self._headers, body, keep_alive  # type: ignore[arg-type]
-        )
+        request = Request()  # (see Request: fields set here, no __init__)
+        request._method = parser.get_method()
+        request.url = self._url
+        request.raw_headers = self._headers
+        request.body = body  # type: ignore[assignment]  # (a bytearray became bytes above)
+        request.keep_alive = keep_alive
+        request._headers = None
+        if self._memo_key is not None:
+            self._note_for_cache(request)
         self._url = b""
         self._headers = []
         self._head_bytes = 0
@@ -242,7 +343,7 @@ class HttpConnection(Connection):
         if self._upgrade is not None:
             upgrade = self._upgrade
             self._upgrade = None
-            if self.server.websocket and b"websocket" in upgrade.lower():
+            if self.server.websocket and upgrade.lower().find(b"websocket") >= 0:
                 self._ws_request = request  # handled when the parser stops (HttpParserUpgrade)
                 return
         self.server.stats.requests += 1
@@ -257,6 +358,36 @@ class HttpConnection(Connection):
             return
         self._handle(request)
 
+    def _note_for_cache(self, request: Request) -> None:
+        """A request completed in a chunk that may be memoized: note what it was."""
+        if (
+            self._memo_entry is None
+            and not request.body
+            and request.keep_alive != KEEP_CLOSE
+            and self._upgrade is None
+        ):
+            headers = tuple(request.raw_headers)
+            request.raw_headers = headers
+            keep_alive = request.keep_alive
+            method = request._method
+            plain = keep_alive == KEEP_IMPLICIT and method != b"HEAD"
+            self._memo_entry = (method, request.url, headers, keep_alive, plain)
+        else:  # a second request in the chunk, or one we do not memoize
+            self._memo_key = self._memo_entry = None
+
+    def _remember(self, data: bytes, entry: CachedHead) -> None:
+        """Memoize httptools' reading of `data`: exactly one bodyless keep-alive request.
+
+        Sound because httptools at a request boundary is in its initial state, so the
+        same bytes always give the same request, and the limits it was checked against
+        are the server's, which do not change. Bounded: the cache is emptied when full
+        (a client sending ever-new heads only ever misses, as without the cache).
+        """
+        cache = self.server.head_cache
+        if len(cache) >= HEAD_CACHE_ENTRIES:
+            cache.clear()
+        cache[data] = entry
+
     def eof_received(self) -> bool | None:
         if self._state == LINGER or self._pending is None:
             return False  # close our side too
@@ -270,23 +401,38 @@ class HttpConnection(Connection):
     # ----- handling ---------------------------------------------------------------
     def _handle(self, request: Request) -> None:
         self._pending = request
+        self._state = BUSY  # (a queued request: the state was IDLE after the previous)
         server = self.server
         try:
+            handler = server.http_handler  # (see data_received: called through locals)
             if server.http_is_async:
                 runner = server.runner
-                task = runner.run(server.http_handler(self, request))
-                if task is not DONE:
-                    server.track(task)
-                    task.add_done_callback(functools.partial(self._handler_done, request))
+                if runner.driver.gi_running:
+                    # called from a handler's conn.send(): see EagerRunner.run
+                    self._wait_for(request, server.loop.create_task(handler(self, request)))
+                    return
+                send = runner.send  # EagerRunner.run written out
+                try:
+                    value = send(handler(self, request))
+                except BaseException:
+                    runner.failed()
+                    raise
+                if value is not DONE:
+                    self._wait_for(request, runner.suspended(value))
                     return
                 result = runner.box[0]
             else:
-                result = server.http_handler(self, request)
+                result = handler(self, request)
         except Exception as exc:
             self._handler_failed(request, exc)
             return
         if result is not None and self._pending is request:
             self._respond(request, result)
+
+    def _wait_for(self, request: Request, task: asyncio.Task[Any]) -> None:
+        """The handler of `request` suspended: answer when its task ends."""
+        self.server.track(task)
+        task.add_done_callback(functools.partial(self._handler_done, request))
 
     def _handler_done(self, request: Request, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
@@ -343,7 +489,8 @@ class HttpConnection(Connection):
         if out is not None:
             out.append(data)
         else:
-            self._write(data)
+            server.stats.bytes_out += len(data)
+            self.transport.write(data)
         if keep_alive == KEEP_CLOSE:
             self._after_response(request, keep_alive)
             return
@@ -411,6 +558,7 @@ class HttpConnection(Connection):
             # An Upgrade we do not speak (h2c, or websocket on an http:// worker): the
             # request was answered as plain HTTP; keep parsing with a fresh parser.
             self._parser = HttpRequestParser(self)
+            self._mid = False
             if rest and not self._closing:
                 self.server.stats.bytes_in -= len(rest)  # counted already
                 self.data_received(rest)

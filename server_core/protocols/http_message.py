@@ -14,7 +14,7 @@ handler cannot split a response); HEAD responses carry no body.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
@@ -46,24 +46,22 @@ def status_line(status: int) -> bytes:
 
 
 class Request:
-    """One parsed HTTP request (method, path, query, headers, body)."""
+    """One parsed HTTP request (method, path, query, headers, body).
+
+    The connection builds it field by field: without an `__init__` of its own,
+    `Request()` is a bare C allocation, cheaper than a Python `__init__` call by about
+    a tenth of the whole hot path. `raw_headers` is a sequence of (name, value) bytes
+    pairs as sent (a tuple when the head was memoized: do not mutate it).
+    """
 
     __slots__ = ("_headers", "_method", "body", "keep_alive", "raw_headers", "url")
 
-    def __init__(
-        self,
-        method: bytes,
-        url: bytes,
-        raw_headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        keep_alive: int,
-    ) -> None:
-        self._method = method
-        self.url = url
-        self.raw_headers = raw_headers
-        self.body = body
-        self.keep_alive = keep_alive
-        self._headers: dict[str, str] | None = None
+    _method: bytes
+    url: bytes
+    raw_headers: Sequence[tuple[bytes, bytes]]
+    body: bytes
+    keep_alive: int  # KEEP_CLOSE, KEEP_IMPLICIT or KEEP_EXPLICIT
+    _headers: dict[str, str] | None  # `headers`, once built
 
     @property
     def method(self) -> str:
