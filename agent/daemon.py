@@ -269,7 +269,9 @@ class Daemon:
     async def _log_events(self) -> None:
         sub = self.events.subscribe()
         async for event in sub:
-            level = logging.WARNING if event.type in _WARN_EVENTS else logging.INFO
+            level = logging.INFO
+            if event.type in _WARN_EVENTS and not event.fields.get("expected"):
+                level = logging.WARNING  # an exit we asked for (stop, reload) is news, not trouble
             log.log(level, describe_event(event), extra={"event": event.as_dict()})
 
     def _install_signals(self) -> None:
