@@ -3,7 +3,8 @@
 A `Server` exists while `Worker.serve()` runs. Connections keep a reference to it and
 read what they need on the hot path as plain attributes: the callbacks (with their
 sync/async nature detected once), the limits, the cached `Date` line and response
-heads, the `draining` flag. Once a second `_on_tick` refreshes the Date, advances the
+heads, the HTTP head cache (request heads httptools already read, by their bytes), the
+`draining` flag. Once a second `_on_tick` refreshes the Date, advances the
 coarse clock (`tick`, whole seconds) that connection timeouts compare against, lets
 every connection check its timeouts and runs the stats hook.
 
@@ -15,7 +16,8 @@ drain timeout.
 Invariants: `stats.connections` counts every open connection; `connections` holds
 exactly the ones the application has met (on_connect ran, on_close will run once);
 `handshaking` holds the rest (a ws:// worker's HTTP phase). Errors in user callbacks go
-to `on_error` (or the log), never into the event loop.
+to `on_error` (or the log), never into the event loop. `cached_result` is None while
+draining (a cached response would say keep-alive).
 """
 
 from __future__ import annotations

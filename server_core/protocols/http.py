@@ -1,10 +1,21 @@
 """HTTP/1.1 connections over httptools: keep-alive, pipelining, bodies, upgrades, limits.
 
-The hot path is `data_received -> httptools -> on_url/on_header/on_headers_complete/
-on_message_complete -> handler -> one write`: no task, no await and one response
-formatting per request (a handler returning the same `str`/`bytes` object as the
-previous one within the same second reuses its rendered bytes). Responses produced
+The general path is `data_received -> httptools -> on_message_begin/on_url/on_header/
+on_headers_complete/on_message_complete -> handler -> one write`: no task, no await
+and one response formatting per request (a handler returning the same `str` object as
+the previous one within the same second reuses its rendered bytes). Responses produced
 while one chunk of input is parsed are batched into one write.
+
+The hot path skips httptools for a head it has already read. A keep-alive client
+sends the same bytes again and again (load tests, health checks, polling); when
+httptools is between requests, what it makes of a chunk depends on the chunk alone,
+so a chunk that was exactly one bodyless keep-alive request (at most
+HEAD_CACHE_MAX_BYTES) is memoized by its bytes in the server's `head_cache`, and the
+next identical chunk goes straight to the handler (`data_received` has that path
+written out). Only httptools ever decides what bytes mean: there is no second parser
+that could disagree with it (request smuggling), and the cache holds exactly its
+reading. `tests/test_server_core_fuzz.py` checks that a server with the cache and one
+without do and write the same for any input.
 
 States of a connection: IDLE (waiting for a request; keep-alive timeout), HEAD (reading
 a request head; header timeout and header-size limit), BODY (reading a body; body-size
@@ -19,6 +30,9 @@ Invariants:
   408; each closes only that connection.
 - While the worker drains, every response says `Connection: close` and the connection
   closes after it; idle connections are closed by the server after a short grace.
+- A chunk is looked up in the head cache only while the connection is IDLE, nothing is
+  pending and httptools has consumed no part of a next request (`_mid`): a chunk that
+  continues a request always goes to httptools.
 """
 
 from __future__ import annotations
