@@ -198,9 +198,9 @@ class HttpConnection(Connection):
                     if result is server.cached_result and plain and self._pending is request:
                         # (the server keeps no cached result while it drains)
                         self._pending = None
-                        data = server.cached_response
-                        stats.bytes_out += len(data)
-                        self.transport.write(data)
+                        response = server.cached_response
+                        stats.bytes_out += len(response)
+                        self.transport.write(response)
                         self._state = IDLE
                         self._since = server.tick
                         if self._close_when_idle:
