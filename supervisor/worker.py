@@ -90,6 +90,10 @@ class WorkerFailed(SupervisorError):
     """A worker's process ended, or the worker was stopped, before it became ready."""
 
 
+class StoppedWhileStarting(SupervisorError):
+    """stop() came while the process was still being made (a preload template loading)."""
+
+
 class Changed:
     """A broadcast "something changed" signal: `wait()` returns at the next `fire()`."""
 
@@ -375,6 +379,9 @@ class Worker:
         """Spawn one process and supervise it until it is gone (reaped)."""
         try:
             proc = await self._launch()
+        except StoppedWhileStarting as exc:
+            self._never_started(f"stopped while starting: {exc}")
+            return _Ended(None, requested_stop=True)
         except PreloadFailed as exc:
             # like a process that died at start: backoff and start limit apply
             self._never_started(f"preload failed: {exc}")
@@ -426,6 +433,23 @@ class Worker:
                 wake_at = min(wake_at, proc.last_ping + watchdog + 0.001)
             await self._sleep_until(wake_at)
 
+    async def _fork(self, preloader: Preloader, request: SpawnRequest) -> int:
+        """Fork from the template; a stop requested meanwhile (the template may still be
+        importing the app) abandons the start instead of waiting for it."""
+        forking = asyncio.ensure_future(preloader.spawn(request))
+        while True:
+            woken = asyncio.ensure_future(self._wakeup.wait())
+            await asyncio.wait([forking, woken], return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+            if forking.done():
+                return forking.result()
+            if self._stop_requested:
+                forking.cancel()  # safe: Preloader.spawn cleans up after itself
+                with contextlib.suppress(asyncio.CancelledError, SpawnError):
+                    await forking
+                raise StoppedWhileStarting(self._stop_reason)
+            self._wakeup.clear()
+
     def _never_started(self, reason: str) -> None:
         """EXITED/BACKOFF/FATAL -> STARTING -> EXITED: the process never existed."""
         self._set_state(WorkerState.STARTING, "started", message=reason.split(":")[0])
@@ -470,7 +494,7 @@ class Worker:
             if self._preloader is None:
                 pid = spawn(request)
             else:
-                pid = await self._preloader.spawn(request)
+                pid = await self._fork(self._preloader, request)
         except BaseException:
             for fd in (out_r, err_r):
                 os.close(fd)

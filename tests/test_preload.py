@@ -210,3 +210,24 @@ def test_a_dead_template_is_started_again_for_the_next_worker(tmp_path: Path) ->
 
         answer = wait_for_sync(from_replacement, WAIT, "an answer from the replacement")
         assert answer is not None and answer["imported_in"] == fresh.pid
+
+
+def test_stop_does_not_wait_for_a_template_still_loading(tmp_path: Path) -> None:
+    """The app needs 120 s to import: stop abandons the start instead of waiting."""
+    port = free_port()
+    toml = services(port, tmp_path / "fail").replace(
+        'env = {', 'env = { SLOW_IMPORT = "120",'
+    ).replace("ready_timeout = 10", "ready_timeout = 300")
+    agent = AgentProcess(tmp_path, toml)
+    try:
+        agent.start(wait_ready=False)
+        wait_for_sync(lambda: len(agent.descendants()) == 1, WAIT, "the template loading")
+        (template,) = agent.descendants()
+        out = agent.svctl("stop", "api")  # svctl's own deadline (30 s) is far below 120 s
+        assert out.returncode == 0, out.stderr
+        wait_for_sync(lambda: not template.is_running(), WAIT, "the template gone")
+        assert not agent.descendants()
+        (svc,) = agent.status()["services"]
+        assert svc["state"] == "stopped" and not svc["workers"]
+    finally:
+        assert agent.stop() == 0

@@ -2,7 +2,8 @@
 
 `GET /` answers JSON: its pid, the pid of the process that imported this module (the
 preload template when forked, itself when exec'd) and its SVCD_WORKER/SVCD_GENERATION.
-When the file named by $FAIL_IF_EXISTS exists, importing fails (a broken deploy).
+When the file named by $FAIL_IF_EXISTS exists, importing fails (a broken deploy);
+$SLOW_IMPORT seconds make importing slow.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 from server_core import Request, Response, Worker
 
 IMPORTED_IN = os.getpid()
+time.sleep(float(os.environ.get("SLOW_IMPORT", "0")))  # an app that takes long to load
 
 if os.path.exists(os.environ.get("FAIL_IF_EXISTS", "/nonexistent")):
     sys.exit("preload_app: broken on purpose")
