@@ -35,19 +35,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib
+
+from benchlib import PYTHON as PY
+from benchlib import REPO, cpu_model, free_port
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-PY = sys.executable
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
 STARTUP_TIMEOUT = 15.0
 WARMUP_SECONDS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_servers(port: int) -> dict[str, list[str]]:
@@ -152,12 +149,7 @@ def drain(seconds: int = 12) -> int:
 
 
 def machine() -> str:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model() or "unknown"
     load = Path("/proc/loadavg").read_text().split()[:3]
     return (
         f"nproc {os.cpu_count()}, kernel {platform.release()}, CPU {cpu}, "

@@ -26,20 +26,18 @@ import textwrap
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib
 
-from agent.registry import EtcdClient, Registry  # noqa: E402
-from supervisor.events import EventBus  # noqa: E402
-from tests.etcd_fixture import EtcdServer  # noqa: E402
-from tests.registry_helpers import Settings, service, with_worker, worker  # noqa: E402
+from benchlib import REPO, percentile
+
+sys.path.insert(0, str(REPO))  # agent, supervisor, tests
+
+from agent.registry import EtcdClient, Registry
+from supervisor.events import EventBus
+from tests.etcd_fixture import EtcdServer
+from tests.registry_helpers import Settings, service, with_worker, worker
 
 WAIT = 10.0
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def ready_to_visible(endpoint: str, rounds: int) -> dict[str, float]:
@@ -90,7 +88,7 @@ async def ready_to_visible(endpoint: str, rounds: int) -> dict[str, float]:
     return {
         "rounds": rounds,
         "median_ms": statistics.median(samples),
-        "p90_ms": pct(samples, 0.9),
+        "p90_ms": percentile(samples, 0.9),
         "max_ms": max(samples),
     }
 

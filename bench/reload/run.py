@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -47,25 +45,35 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib
+
+from benchlib import (
+    PYTHON,
+    REPO,
+    VENV_BIN,
+    BenchError,
+    Procs,
+    free_port,
+    machine,
+    peers,
+    run_dir,
+    wait_until,
+)
+
 HERE = Path(__file__).resolve().parent
 PROGRAMS = REPO / "tests" / "programs"
 HELLO = REPO / "examples" / "hello.py"
-PEERS_ENV = REPO / "bench" / ".work" / "peers.env"
 RESULTS = HERE / "results" / "latest.json"
-PYTHON = sys.executable
-VENV_BIN = Path(sys.executable).parent
 
 WORKERS = 2
 CONNECTIONS = 50
@@ -74,86 +82,11 @@ RELOAD_AT = (5.0, 12.0)  # seconds into a run
 START_WITHIN = 60.0  # seconds for a system to serve after its start
 GONE_WITHIN = 60.0  # seconds for the old workers to be gone after a reload
 POLL = 0.005  # seconds between polls of the worker pids during a reload
-TERM_GRACE = 10.0  # seconds a process group gets between SIGTERM and SIGKILL
 WRK_MARGIN = 30.0  # seconds past DURATION before a wrk run counts as hung
 GRACEFUL = 5  # seconds every system gives a worker to drain
 
 
-class BenchError(RuntimeError):
-    """A system could not run as planned (failed to start, a wait timed out)."""
-
-
-# --- processes -----------------------------------------------------------------------
-
-
-class Procs:
-    """Every process of the run; `close()` ends them all (called from a finally)."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.seen: dict[int, psutil.Process] = {}
-        self.closers: list[Callable[[], None]] = []
-
-    def spawn(self, argv: Sequence[str], log: Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                    start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
-    def remember(self) -> None:
-        """Note every descendant now: svcd's workers leave our process groups."""
-        for proc in self.procs:
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    self.seen.setdefault(child.pid, child)
-
-    def close(self) -> None:
-        for closer in reversed(self.closers):
-            with contextlib.suppress(Exception):
-                closer()
-        self.closers.clear()
-        self.remember()
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + TERM_GRACE
-        for proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-        for child in self.seen.values():
-            with contextlib.suppress(psutil.Error):
-                if child.is_running():
-                    child.kill()
-        self.procs.clear()
-        self.seen.clear()
-
-
-def wait_until(predicate: Callable[[], Any], within: float, what: str,
-               interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        with contextlib.suppress(OSError, ValueError, KeyError, psutil.Error):
-            value = predicate()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {within:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# --- probes --------------------------------------------------------------------------
 
 
 def answers(port: int) -> bool:
@@ -180,18 +113,6 @@ def children(pid: int, skip: str = "") -> set[int]:
             if skip and skip in " ".join(child.cmdline()):
                 continue
             found.add(child.pid)
-    return found
-
-
-def peers() -> dict[str, str]:
-    """PEER_* paths from bench/.work/peers.env (bench/peers/install.sh writes it)."""
-    found: dict[str, str] = {}
-    if PEERS_ENV.exists():
-        for line in PEERS_ENV.read_text().splitlines():
-            if line.startswith("export PEER_") and "=" in line:
-                key, value = line[len("export PEER_"):].split("=", 1)
-                if os.path.exists(value):
-                    found[key.lower()] = value
     return found
 
 
@@ -265,8 +186,8 @@ class Svcd(System):
             ready_timeout = 30
             """) + textwrap.dedent(self.service_extra))
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        self.proc = self.procs.spawn([str(VENV_BIN / "svcd"), "--config", str(config)],
-                                     self.tmp / "svcd.log", env=env, cwd=REPO)
+        self.proc = self.procs.spawn(self.name, [str(VENV_BIN / "svcd"), "--config", str(config)],
+                                     env=env, cwd=REPO, log=self.tmp / "svcd.log")
         self._serving()
         wait_until(lambda: self.status()["services"][0]["ready"] == WORKERS, START_WITHIN,
                    "svcd workers ready", 0.1)
@@ -347,9 +268,10 @@ class Gunicorn(System):
 
     def start(self) -> None:
         self.proc = self.procs.spawn(
+            self.name,
             [self.tools["gunicorn"], "--workers", str(WORKERS), "--bind",
              f"127.0.0.1:{self.port}", "--graceful-timeout", str(GRACEFUL), "--chdir",
-             str(PROGRAMS), "wsgi_app:app"], self.tmp / "gunicorn.log")
+             str(PROGRAMS), "wsgi_app:app"], log=self.tmp / "gunicorn.log")
         self._serving()
 
     def worker_pids(self) -> set[int]:
@@ -370,10 +292,11 @@ class Uvicorn(System):
 
     def start(self) -> None:
         self.proc = self.procs.spawn(
+            self.name,
             [self.tools["uvicorn"], "--workers", str(WORKERS), "--host", "127.0.0.1",
              "--port", str(self.port), "--no-access-log", "--timeout-graceful-shutdown",
              str(GRACEFUL), "--app-dir", str(PROGRAMS), "asgi_app:app"],
-            self.tmp / "uvicorn.log")
+            log=self.tmp / "uvicorn.log")
         self._serving()
 
     def worker_pids(self) -> set[int]:
@@ -397,7 +320,7 @@ class Pm2Cluster(System):
         self.home = self.tmp / "home"  # our own PM2_HOME: no clash with other PM2 users
         self.env = {**os.environ, "PM2_HOME": str(self.home), "PORT": str(self.port)}
         self.env.pop("NOTIFY_SOCKET", None)
-        self.procs.closers.append(self.kill)
+        self.procs.on_close(self.kill)
         out = self.pm2("start", str(HERE / "hello.js"), "-i", str(WORKERS), "--name", "c")
         if out.returncode != 0:
             raise BenchError(f"pm2 start: {out.stdout[-800:]} {out.stderr[-800:]}")
@@ -460,8 +383,8 @@ class Circus(System):
             host = 127.0.0.1
             port = {self.port}
             """))
-        self.proc = self.procs.spawn([self.tools["circusd"], str(ini)], self.tmp / "circusd.log",
-                                     cwd=self.tmp)
+        self.proc = self.procs.spawn(self.name, [self.tools["circusd"], str(ini)], cwd=self.tmp,
+                                     log=self.tmp / "circusd.log")
         self._serving()
 
     def worker_pids(self) -> set[int]:
@@ -682,20 +605,6 @@ def bench_system(cls: type[System], tools: dict[str, str], tmp: Path,
     }
 
 
-def machine() -> dict[str, Any]:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| system | reload command | reloads | errors (total) | errors/run (median) "
@@ -715,15 +624,6 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def run_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="svcd-reload-", dir="/tmp"))  # short: unix sockets
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="reload runs per svcd system")
@@ -740,7 +640,7 @@ def main() -> int:
     names = [n for n in args.only.split(",") if n] or [n for n in SYSTEMS if n not in OPT_IN]
     results: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
-    with run_dir() as tmp:
+    with run_dir("svcd-reload-") as tmp:  # short: unix sockets
         for name in names:
             cls = SYSTEMS[name]
             missing = [t for t in cls.needs if not os.path.exists(tools.get(t, ""))]

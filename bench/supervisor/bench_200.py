@@ -81,12 +81,13 @@ def main() -> int:
     if available < workers * WORKER_MIB * 1.5:
         raise BenchError(f"{available:.0f} MiB available, {workers} workers need about "
                          f"{workers * WORKER_MIB * 1.5:.0f}: lower --services/--per")
-    result: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv),
+    result: dict[str, Any] = {"machine": machine(load_and_memory=True),
+                              "command": " ".join(sys.argv),
                               "services": args.services, "workers_per_service": args.per,
                               "workers": workers}
     procs = Procs()
     agent: Svcd | None = None
-    with run_dir("200") as tmp:
+    with run_dir("sb-200-") as tmp:
         try:
             metrics_port = free_port()
             services = ""

@@ -153,14 +153,14 @@ def main() -> int:
         return not only or any(name.startswith(o) for o in only)
 
     tools = peers()
-    info = machine()
+    info = machine(load_and_memory=True)
     procs = Procs()
     targets: list[Target] = []
     started: dict[str, Peer] = {}
     agent: Svcd | None = None
     skipped: dict[str, str] = {}
     result: dict[str, Any] = {"machine": info, "command": " ".join(sys.argv), "targets": {}}
-    with run_dir("kill") as tmp:
+    with run_dir("sb-kill-") as tmp:
         try:
             if wanted("svcd"):
                 hello_port, stdlib_port, preload_port = free_port(), free_port(), free_port()

@@ -70,10 +70,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.parse_args()
     tools = peers()
-    result: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
+    result: dict[str, Any] = {"machine": machine(load_and_memory=True),
+                              "command": " ".join(sys.argv)}
     procs = Procs()
     agents: list[Svcd] = []
-    with run_dir("rss") as tmp:
+    with run_dir("sb-rss-") as tmp:
         try:
             daemons: dict[str, tuple[int, list[str], dict[str, str]]] = {}
             small_dir, big_dir = tmp / "svcd-2", tmp / "svcd-40"

@@ -190,14 +190,15 @@ def main() -> int:
                         help=f"measure the svcd already installed in {SVCD_VENV}")
     args = parser.parse_args()
     tools = peers()
-    result: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv),
+    result: dict[str, Any] = {"machine": machine(load_and_memory=True),
+                              "command": " ".join(sys.argv),
                               "workers": WORKERS}
     result["svcd_install"] = install_svcd(SVCD_VENV, reinstall=not args.no_install)
     installed_python = str(SVCD_VENV / "bin" / "python")
     installed_svctl = str(SVCD_VENV / "bin" / "svctl")
     procs = Procs()
     agent: Svcd | None = None
-    with run_dir("status") as tmp:
+    with run_dir("sb-status-") as tmp:
         try:
             port = free_port()
             agent = Svcd(procs, tmp, svcd_service("api", stdlib_command(), port, WORKERS)).start()

@@ -1,4 +1,8 @@
-"""Shared plumbing of the supervisor benchmarks: processes, peers, timing, machine facts.
+"""What the supervisor benchmarks share: svcd under test, HTTP probes, statistics, results.
+
+The plumbing every benchmark under bench/ shares (Procs, wait_until, free_port, peers,
+machine, run_dir, BenchError) lives in bench/benchlib.py; this module re-exports it so
+the scripts here import everything from one place.
 
 Invariants every benchmark here keeps:
 - Every process a benchmark starts goes through `Procs.spawn` (its own session, hence
@@ -15,90 +19,59 @@ Invariants every benchmark here keeps:
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import json
 import os
-import platform
 import selectors
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benchlib
 
-REPO = Path(__file__).resolve().parents[2]
+from benchlib import (
+    PEERS_ENV,
+    PYTHON,
+    REPO,
+    VENV_BIN,
+    BenchError,
+    Procs,
+    free_port,
+    machine,
+    peers,
+    percentile,
+    run_dir,
+    wait_until,
+)
+
+# the supervisor benchmarks import the shared plumbing from here, next to their own
+__all__ = [
+    "HELLO", "MIB", "PEERS_ENV", "PYTHON", "REPO", "STDLIB_WORKER", "SVCD", "SVCTL",
+    "TINY_HTTP", "BenchError", "Probe", "Procs", "Svcd", "first_answer", "free_port",
+    "hello_command", "http_get", "machine", "peers", "probe_new_answer", "run_dir",
+    "stdlib_command", "summary", "svcd_service", "wait_until", "write_result",
+]
+
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
-VENV_BIN = Path(sys.executable).parent
-PYTHON = sys.executable
 SVCD = str(VENV_BIN / "svcd")
 SVCTL = str(VENV_BIN / "svctl")
 HELLO = REPO / "examples" / "hello.py"  # server_core's HTTP hello
 STDLIB_WORKER = REPO / "tests" / "programs" / "http_worker.py"
 TINY_HTTP = HERE / "tiny_http.py"  # the same kind of stdlib worker, for the peers
-PEERS_ENV = REPO / "bench" / ".work" / "peers.env"
 
-TERM_GRACE = 10.0  # seconds a process group gets between SIGTERM and SIGKILL
 POLL = 0.002  # seconds between polls where latency is measured
 MIB = 1024 * 1024
 METRICS_TIMEOUT = 60.0  # seconds for one /metrics answer
-
-
-class BenchError(RuntimeError):
-    """A benchmark could not run as planned (a peer failed to start, a wait timed out)."""
-
-
-# --- machine and peers -------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on: recorded next to every result."""
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": os.cpu_count(),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
-        "mem_total_gib": round(psutil.virtual_memory().total / 2**30, 1),
-    }
-
-
-def peers() -> dict[str, str]:
-    """PEER_* paths from bench/.work/peers.env (written by bench/peers/install.sh)."""
-    found: dict[str, str] = {}
-    if PEERS_ENV.exists():
-        for line in PEERS_ENV.read_text().splitlines():
-            line = line.strip()
-            if line.startswith("export ") and "=" in line:
-                key, value = line[len("export ") :].split("=", 1)
-                if key.startswith("PEER_") and os.path.exists(value):
-                    found[key[len("PEER_") :].lower()] = value
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- statistics --------------------------------------------------------------------
@@ -109,7 +82,7 @@ def summary(values: Sequence[float], digits: int = 1) -> dict[str, Any]:
     if not values:
         return {"n": 0}
     ordered = sorted(values)
-    p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    p90 = percentile(ordered, 0.9)
     return {
         "n": len(ordered),
         "median": round(statistics.median(ordered), digits),
@@ -127,20 +100,6 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
 
 
 # --- waiting and HTTP --------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.05) -> Any:
-    """Poll `predicate` until it returns something truthy; BenchError after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError, ValueError, KeyError, psutil.Error):
-            value = predicate()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def http_get(port: int, path: str = "/", timeout: float = 10.0) -> str:
@@ -298,76 +257,6 @@ def first_answer(port: int, deadline_s: float, exclude: str | None = None) -> tu
         if exclude is None or body != exclude:
             return time.monotonic(), body
         time.sleep(POLL)
-
-
-# --- processes ---------------------------------------------------------------------
-
-
-class Procs:
-    """Every process of one benchmark run; `close()` ends them all (from a finally)."""
-
-    def __init__(self) -> None:
-        self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self._seen: dict[int, psutil.Process] = {}
-        self._closers: list[Callable[[], None]] = []
-
-    def spawn(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None,
-              cwd: Path | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
-        out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
-        try:
-            proc = subprocess.Popen(
-                list(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        finally:
-            if log is not None:
-                out.close()  # type: ignore[union-attr]
-        self._procs.append((name, proc))
-        return proc
-
-    def on_close(self, closer: Callable[[], None]) -> None:
-        """Run `closer` first in close() (e.g. `pm2 kill` for a daemon outside our tree)."""
-        self._closers.append(closer)
-
-    def remember_tree(self) -> None:
-        """Note every descendant now, so close() can kill ones that left our groups."""
-        for _, proc in self._procs:
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(proc.pid).children(recursive=True):
-                    self._seen.setdefault(child.pid, child)
-
-    def close(self) -> None:
-        for closer in reversed(self._closers):
-            with contextlib.suppress(Exception):
-                closer()
-        self.remember_tree()
-        for _, proc in self._procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + TERM_GRACE
-        for _, proc in self._procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
-        for _, proc in self._procs:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
-        for child in self._seen.values():
-            with contextlib.suppress(psutil.Error):
-                if child.is_running():
-                    child.kill()
-
-
-@contextlib.contextmanager
-def run_dir(prefix: str) -> Iterator[Path]:
-    """A temp dir for one run (configs, sockets, logs); short, for unix socket paths."""
-    path = Path(tempfile.mkdtemp(prefix=f"sb-{prefix}-", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # --- svcd --------------------------------------------------------------------------
