@@ -130,7 +130,13 @@ async def test_cut_host_expires_only_its_keys(shared_etcd: EtcdServer, hosts: li
         async def all_registered() -> bool | None:
             return (await _agents(r) == everyone) or None
 
-        await eventually(all_registered, within=30, what="three agents registered")
+        async def all_published() -> bool | None:
+            # the agent key and each agent's worker key: a worker key written after the
+            # snapshot below would look like a key that appeared out of nowhere
+            hosts_with_workers = {k.split("/")[4] for k in await r.keys("/svcd/services/api/")}
+            return (await all_registered() and hosts_with_workers == everyone) or None
+
+        await eventually(all_published, within=30, what="three agents and their workers")
         _, before = await r.client.get_prefix("/svcd/")
         cut = hosts[1]
         ip("link", "set", cut.outside, "down")
