@@ -6,7 +6,7 @@ bench/chaos/run.py (long runs, a table for bench/RESULTS.md). Everything runs on
 
 - `LoadClient`: a bounded asyncio HTTP/1.1 client (N keep-alive connections, reconnect
   on close) run in its own thread. Every response carries the serving worker's pid
-  (bench/chaos/pid_worker.py), so each failure is traced to the connection's worker.
+  (tests/programs/core_app.py), so each failure is traced to the connection's worker.
 - `kill_workers`: SIGKILL a random worker every `interval` seconds for `duration`;
   failures are *explained* when the connection's worker was killed (or, for a
   connection that never got an answer, when a kill fell inside the request).
@@ -49,7 +49,8 @@ from agent._pb import agent_pb2 as pb  # noqa: E402
 from tests.agent_proc import AgentProcess  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402
 
-PID_WORKER = Path(__file__).with_name("pid_worker.py")
+#: The server_core worker that answers its pid (shared with the interop tests).
+PID_WORKER = ROOT / "tests" / "programs" / "core_app.py"
 REQUEST = b"GET / HTTP/1.1\r\nHost: chaos\r\n\r\n"
 #: A request not answered by then failed (a SIGSTOPped worker never answers).
 REQUEST_TIMEOUT = 5.0
@@ -234,7 +235,7 @@ def alive(pid: int) -> bool:
 
 
 def pid_service(port: int, name: str = "api", count: int = 4, extra: str = "") -> str:
-    """TOML of a service running bench/chaos/pid_worker.py."""
+    """TOML of a service running tests/programs/core_app.py."""
     return f"""
 [services.{name}]
 command = {json.dumps([sys.executable, str(PID_WORKER)])}
