@@ -7,12 +7,14 @@ before the error propagates.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +33,17 @@ def worker_command(*args: str) -> str:
     """TOML array literal running the stdlib test worker with `args`."""
     argv = [sys.executable, str(HTTP_WORKER), *args]
     return json.dumps(argv)
+
+
+def api_service(port: int, count: int = 2, args: tuple[str, ...] = ()) -> str:
+    """`[services.api]`: `count` stdlib test workers (with `args`) on 127.0.0.1:`port`."""
+    return f"""
+[services.api]
+command = {worker_command(*args)}
+count = {count}
+listen = ["tcp://127.0.0.1:{port}"]
+graceful_timeout = 5
+"""
 
 
 class AgentProcess:
@@ -180,3 +193,20 @@ def worker_pids(agent: AgentProcess, service: str) -> list[int]:
         if svc["name"] == service:
             return [w["pid"] for w in svc["workers"] if w["pid"]]
     raise KeyError(service)
+
+
+@contextlib.contextmanager
+def running(
+    tmp: Path, services: str, extra_agent: str = "", wait_ready: bool = True
+) -> Iterator[AgentProcess]:
+    """A started agent, stopped (and its workers reaped) however the test ends; its
+    stderr is printed when the test fails."""
+    agent = AgentProcess(tmp, services, extra_agent=extra_agent)
+    try:
+        agent.start(wait_ready=wait_ready)
+        yield agent
+    except BaseException:
+        print(agent.stderr())
+        raise
+    finally:
+        agent.stop()

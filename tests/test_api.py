@@ -6,7 +6,6 @@ client on the control socket. Checks the conversions, the error table and the st
 from __future__ import annotations
 
 import asyncio
-import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from agent.control import ControlServer
 from agent.core import AgentCore, RegistryInfo
 from agent.errors import ActionFailed, ConfigRejected, InvalidRequest
 from supervisor.errors import ListenerError, ReloadFailed, UnknownService
-from tests.agent_proc import worker_command
+from tests.agent_proc import api_service
 from tests.conftest import free_port
 from tests.test_control import make_core, running
 from tests.waiting import wait_for
@@ -78,18 +77,6 @@ def check_types(obj: dict[str, Any], fields: dict[str, tuple[type, ...]]) -> Non
         assert bool in types or not isinstance(value, bool), (key, value)
 
 
-def services_toml(port: int, count: int = 2, args: tuple[str, ...] = ()) -> str:
-    return textwrap.dedent(
-        f"""
-        [services.api]
-        command = {worker_command(*args)}
-        count = {count}
-        listen = ["tcp://127.0.0.1:{port}"]
-        graceful_timeout = 5
-        """
-    )
-
-
 @dataclass
 class Agent:
     core: AgentCore
@@ -103,7 +90,7 @@ class Agent:
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     port = free_port()
-    core = make_core(tmp_path, services_toml(port))
+    core = make_core(tmp_path, api_service(port))
     supervisor = core.supervisor
     await supervisor.start()
     control = ControlServer(core, tmp_path / "run" / "svcd.sock")
@@ -288,7 +275,7 @@ async def test_reload_rejects_a_broken_config_and_keeps_running(agent: Agent) ->
 async def test_reload_that_fails_is_rolled_back(agent: Agent) -> None:
     before = await pids(agent)
     text = agent.config.read_text()
-    broken = services_toml(agent.port, args=("--exit-code", "1"))
+    broken = api_service(agent.port, args=("--exit-code", "1"))
     agent.config.write_text(text.split("[services.api]")[0] + broken)
     updates = await reload_all(agent, pb.ReloadRequest())
     result = updates[-1].result

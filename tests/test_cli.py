@@ -32,7 +32,7 @@ import pytest
 from agent import cli, cli_render, cli_table
 from agent.control import ControlServer
 from agent.core import AgentCore
-from tests.agent_proc import ROOT, AgentProcess, worker_command
+from tests.agent_proc import ROOT, AgentProcess, api_service
 from tests.conftest import free_port
 from tests.etcd_fixture import EtcdServer
 from tests.test_control import make_core, running
@@ -284,22 +284,10 @@ class Agent:
         return json.loads(out)  # type: ignore[no-any-return]
 
 
-def services_toml(port: int, args: tuple[str, ...] = ()) -> str:
-    return textwrap.dedent(
-        f"""
-        [services.api]
-        command = {worker_command(*args)}
-        count = 2
-        listen = ["tcp://127.0.0.1:{port}"]
-        graceful_timeout = 5
-        """
-    )
-
-
 @pytest.fixture
 async def agent(tmp_path: Path) -> AsyncIterator[Agent]:
     port = free_port()
-    core = make_core(tmp_path, services_toml(port))
+    core = make_core(tmp_path, api_service(port))
     await core.supervisor.start()
     control = ControlServer(core, tmp_path / "run" / "svcd.sock")
     try:
@@ -402,7 +390,7 @@ async def test_reload_of_a_broken_config_is_exit_2_and_lists_problems(agent: Age
 
 async def test_reload_rolled_back_is_exit_1(agent: Agent) -> None:
     text = agent.config.read_text().split("[services.api]")[0]
-    agent.config.write_text(text + services_toml(agent.port, ("--exit-code", "1")))
+    agent.config.write_text(text + api_service(agent.port, args=("--exit-code", "1")))
     code, out, err = await agent.run("reload")
     assert code == 1, (out, err)
     assert "api" in out.splitlines()[-1]
@@ -449,7 +437,7 @@ async def test_discover_without_registry_is_a_usage_error(agent: Agent) -> None:
 
 @pytest.fixture
 def svcd(tmp_path: Path) -> Iterator[AgentProcess]:
-    with AgentProcess(tmp_path, services_toml(free_port())) as proc:
+    with AgentProcess(tmp_path, api_service(free_port())) as proc:
         yield proc
 
 
@@ -521,7 +509,7 @@ def test_discover_reads_etcd(tmp_path: Path, etcd: EtcdServer) -> None:
     registry = f'\n[registry]\nendpoints = ["{etcd.endpoint}"]\nprefix = "/svcd-cli"\nttl = 5\n'
     agent_dir = tmp_path / "agent"
     agent_dir.mkdir()
-    with AgentProcess(agent_dir, services_toml(port), registry=registry) as proc:
+    with AgentProcess(agent_dir, api_service(port), registry=registry) as proc:
         expected = {"addr": f"127.0.0.1:{port}", "agent": "test-agent", "workers": 2,
                     "health": "unknown"}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.agent_proc import ROOT, AgentProcess, worker_command
+from tests.agent_proc import ROOT, AgentProcess, api_service
 from tests.conftest import free_port
 from tests.waiting import wait_for_sync
 
@@ -43,19 +43,9 @@ def http_get(port: int, path: str = "/") -> str:
     return body.decode().strip()
 
 
-def services_toml(port: int, count: int = 2, args: tuple[str, ...] = ()) -> str:
-    return f"""
-[services.api]
-command = {worker_command(*args)}
-count = {count}
-listen = ["tcp://127.0.0.1:{port}"]
-graceful_timeout = 5
-"""
-
-
 def test_status_json_contract_and_crash_restart(tmp_path: Path) -> None:
     port = free_port()
-    with AgentProcess(tmp_path, services_toml(port)) as agent:
+    with AgentProcess(tmp_path, api_service(port)) as agent:
         status = agent.status()
         assert set(status["agent"]) >= {"name", "version", "pid", "uptime_s", "registry"}
         assert status["agent"]["name"] == "test-agent"
@@ -96,7 +86,7 @@ def test_status_json_contract_and_crash_restart(tmp_path: Path) -> None:
 
 def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
     port = free_port()
-    agent = AgentProcess(tmp_path, services_toml(port)).start()
+    agent = AgentProcess(tmp_path, api_service(port)).start()
     pids = agent.worker_pids("api")
     assert agent.stop(signal.SIGTERM) == 0
     for pid in pids:
@@ -105,7 +95,7 @@ def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
 
 def test_agent_sigkill_leaves_no_worker_behind(tmp_path: Path) -> None:
     port = free_port()
-    agent = AgentProcess(tmp_path, services_toml(port)).start()
+    agent = AgentProcess(tmp_path, api_service(port)).start()
     pids = agent.worker_pids("api")
     assert len(pids) == 2
     agent.stop(signal.SIGKILL)
@@ -121,7 +111,7 @@ def test_agent_sigkill_leaves_no_worker_behind(tmp_path: Path) -> None:
 
 def test_svctl_exit_codes(tmp_path: Path) -> None:
     port = free_port()
-    with AgentProcess(tmp_path, services_toml(port, count=1)) as agent:
+    with AgentProcess(tmp_path, api_service(port, count=1)) as agent:
         assert agent.svctl("status", "nope").returncode == 2
         assert agent.svctl("stop", "nope").returncode == 2
         assert agent.svctl("probe", "live").returncode == 0
@@ -144,7 +134,7 @@ def test_svctl_exit_codes(tmp_path: Path) -> None:
 
 def test_reload_rolls_and_broken_config_is_rejected(tmp_path: Path) -> None:
     port = free_port()
-    with AgentProcess(tmp_path, services_toml(port)) as agent:
+    with AgentProcess(tmp_path, api_service(port)) as agent:
         before = set(agent.worker_pids("api"))
         out = agent.svctl("reload", "api")
         assert out.returncode == 0, out.stdout + out.stderr
@@ -201,7 +191,7 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
 
 def test_second_agent_on_the_same_socket_is_refused_clearly(tmp_path: Path) -> None:
     port = free_port()
-    with AgentProcess(tmp_path, services_toml(port, count=1)) as agent:
+    with AgentProcess(tmp_path, api_service(port, count=1)) as agent:
         second = subprocess.run(
             [sys.executable, "-m", "agent", "--config", str(agent.config)],
             capture_output=True, text=True, cwd=ROOT, timeout=60,
@@ -214,7 +204,7 @@ def test_second_agent_on_the_same_socket_is_refused_clearly(tmp_path: Path) -> N
 
 def test_a_failed_start_leaves_no_agent_running(tmp_path: Path) -> None:
     """tests/agent_proc.py: when readiness never comes, `with` stops the agent itself."""
-    agent = AgentProcess(tmp_path, services_toml(free_port(), count=1, args=("--never-ready",)))
+    agent = AgentProcess(tmp_path, api_service(free_port(), count=1, args=("--never-ready",)))
     agent.ready_wait = 1.0
     with pytest.raises(AssertionError, match="agent ready"), agent:
         raise AssertionError("unreachable: the agent never becomes ready")

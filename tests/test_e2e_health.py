@@ -17,7 +17,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tests.agent_proc import (
     AgentProcess,
     agent_status,
     argv,
+    running,
     svctl,
     worker_command,
     worker_pids,
@@ -63,11 +64,6 @@ RISE = 2
 START_PERIOD = 20.0
 
 
-
-
-
-
-
 def health_table(service: str, **overrides: Any) -> str:
     settings: dict[str, Any] = {
         "kind": "http",
@@ -84,22 +80,6 @@ def health_table(service: str, **overrides: Any) -> str:
         f"{key} = {json.dumps(value)}" for key, value in settings.items()
     ]
     return "\n".join(lines) + "\n"
-
-
-@contextlib.contextmanager
-def running(
-    tmp: Path, services: str, extra_agent: str = "", wait_ready: bool = True
-) -> Iterator[AgentProcess]:
-    """A started agent, stopped (and its workers reaped) however the test ends."""
-    agent = AgentProcess(tmp, services, extra_agent=extra_agent)
-    try:
-        agent.start(wait_ready=wait_ready)
-        yield agent
-    except BaseException:
-        print(agent.stderr())
-        raise
-    finally:
-        agent.stop()
 
 
 def events(agent: AgentProcess) -> list[dict[str, Any]]:

@@ -13,7 +13,6 @@ machine) and the measured figures are printed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +30,26 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.agent_proc import (
     ROOT,
     AgentProcess,
     agent_status,
+    api_service,
     argv,
+    running,
     svctl,
     worker_command,
     worker_pids,
 )
 from tests.conftest import free_port
-from tests.test_metrics import SPEC_SERVICE_SERIES, SPEC_WORKER_SERIES  # SPEC.md's names
+from tests.test_metrics import (  # SPEC.md's names, and one parser of the exposition
+    SPEC_SERVICE_SERIES,
+    SPEC_WORKER_SERIES,
+    Samples,
+    parse,
+    value,
+)
 from tests.waiting import wait_for_sync
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -56,31 +62,8 @@ WAIT = 30.0
 HTTP_TIMEOUT = 5.0
 SPEC_COUNTERS = ("svcd_worker_restarts_total", "svcd_worker_requests_total", "svcd_reloads_total")
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
 
 # ---------------------------------------------------------------- helpers
-
-
-
-
-@contextlib.contextmanager
-def running(
-    tmp: Path, services: str, extra_agent: str = "", wait_ready: bool = True
-) -> Iterator[AgentProcess]:
-    """A started agent, stopped (and its workers reaped) however the test ends."""
-    agent = AgentProcess(tmp, services, extra_agent=extra_agent)
-    try:
-        agent.start(wait_ready=wait_ready)
-        yield agent
-    except BaseException:
-        print(agent.stderr())
-        raise
-    finally:
-        agent.stop()
-
-
-
 
 
 def http_get(port: int, path: str = "/") -> str:
@@ -90,18 +73,7 @@ def http_get(port: int, path: str = "/") -> str:
 
 
 def scrape(port: int) -> Samples:
-    samples: Samples = {}
-    text = http_get(port, "/metrics")
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key = (s.name, tuple(sorted(s.labels.items())))
-            assert key not in samples, f"duplicate series {key}"
-            samples[key] = s.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
+    return parse(http_get(port, "/metrics"))
 
 
 def series_of(samples: Samples, **labels: str) -> list[str]:
@@ -242,14 +214,7 @@ def test_status_json_and_table_of_a_running_agent(tmp_path: Path) -> None:
     workers; `svctl status`: Workerman's columns, a row per worker with its real pid,
     the service total row, the host line and the exit table after a kill -9."""
     port = free_port()
-    services = f"""
-[services.api]
-command = {worker_command()}
-count = 2
-listen = ["tcp://127.0.0.1:{port}"]
-graceful_timeout = 5
-"""
-    with running(tmp_path, services) as agent:
+    with running(tmp_path, api_service(port)) as agent:
         victim = worker(agent, "api", "api:0")["pid"]
         os.kill(victim, signal.SIGKILL)
         wait_for_sync(
@@ -315,14 +280,7 @@ def test_events_across_a_kill_and_a_reload_are_in_order(tmp_path: Path) -> None:
     the reload: reload_started -> for each slot the new generation ready before the old
     one exits -> reloaded; history in time order, and `events -f` saw the same."""
     port = free_port()
-    services = f"""
-[services.api]
-command = {worker_command()}
-count = 2
-listen = ["tcp://127.0.0.1:{port}"]
-graceful_timeout = 5
-"""
-    with running(tmp_path, services) as agent:
+    with running(tmp_path, api_service(port)) as agent:
         follow_out = tmp_path / "follow.jsonl"
         with open(follow_out, "wb") as sink:
             follower = subprocess.Popen(
