@@ -93,6 +93,20 @@ def peers() -> dict[str, str]:
     return found
 
 
+def svcd_agent_table(tmp: Path, extra: str = "") -> tuple[str, str]:
+    """The control socket path and the `[agent]` TOML of a bench svcd living in `tmp`."""
+    socket_path = str(tmp / "run" / "svcd.sock")
+    table = f"""
+[agent]
+name = "bench"
+control_socket = "{socket_path}"
+log_dir = "{tmp / 'logs'}"
+state_dir = "{tmp / 'state'}"
+{extra}
+"""
+    return socket_path, table
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

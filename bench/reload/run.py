@@ -67,6 +67,7 @@ from benchlib import (
     machine,
     peers,
     run_dir,
+    svcd_agent_table,
     wait_until,
 )
 
@@ -169,15 +170,9 @@ class Svcd(System):
     service_extra = ""
 
     def start(self) -> None:
-        self.socket = str(self.tmp / "run" / "svcd.sock")
+        self.socket, agent_table = svcd_agent_table(self.tmp)
         config = self.tmp / "svcd.toml"
-        config.write_text(textwrap.dedent(f"""
-            [agent]
-            name = "bench"
-            control_socket = "{self.socket}"
-            log_dir = "{self.tmp / 'logs'}"
-            state_dir = "{self.tmp / 'state'}"
-
+        config.write_text(agent_table + textwrap.dedent(f"""
             [services.web]
             command = {json.dumps(self.worker)}
             count = {WORKERS}

@@ -50,6 +50,7 @@ from benchlib import (
     peers,
     percentile,
     run_dir,
+    svcd_agent_table,
     wait_until,
 )
 
@@ -294,21 +295,9 @@ class Svcd:
     def __init__(self, procs: Procs, tmp: Path, services: str, agent_extra: str = "") -> None:
         self.procs = procs
         self.tmp = tmp
-        self.socket = str(tmp / "run" / "svcd.sock")
+        self.socket, agent_table = svcd_agent_table(tmp, agent_extra)
         self.config = tmp / "svcd.toml"
-        self.config.write_text(
-            textwrap.dedent(
-                f"""
-                [agent]
-                name = "bench"
-                control_socket = "{self.socket}"
-                log_dir = "{tmp / 'logs'}"
-                state_dir = "{tmp / 'state'}"
-                {agent_extra}
-                """
-            )
-            + services
-        )
+        self.config.write_text(agent_table + services)
         self.proc: subprocess.Popen[bytes] | None = None
         self.unanswered = 0  # status calls that timed out while waiting for readiness
 
