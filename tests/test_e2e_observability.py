@@ -72,6 +72,19 @@ def http_get(port: int, path: str = "/") -> str:
         return str(resp.read().decode())
 
 
+def kill_and_wait_replaced(agent: AgentProcess, name: str) -> int:
+    """SIGKILL worker `name` of service api; its pid, once both workers are ready again
+    and it is not among them."""
+    victim: int = worker(agent, "api", name)["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_for_sync(
+        lambda: service_status(agent, "api")["ready"] == 2
+        and victim not in worker_pids(agent, "api"),
+        WAIT, f"{name} replaced",
+    )
+    return victim
+
+
 def scrape(port: int) -> Samples:
     return parse(http_get(port, "/metrics"))
 
@@ -215,13 +228,7 @@ def test_status_json_and_table_of_a_running_agent(tmp_path: Path) -> None:
     the service total row, the host line and the exit table after a kill -9."""
     port = free_port()
     with running(tmp_path, api_service(port)) as agent:
-        victim = worker(agent, "api", "api:0")["pid"]
-        os.kill(victim, signal.SIGKILL)
-        wait_for_sync(
-            lambda: service_status(agent, "api")["ready"] == 2
-            and victim not in worker_pids(agent, "api"),
-            WAIT, "api:0 replaced",
-        )
+        kill_and_wait_replaced(agent, "api:0")
         # Requests go after the kill: counts served by the killed worker die with it.
         for _ in range(10):
             http_get(port)
@@ -289,13 +296,7 @@ def test_events_across_a_kill_and_a_reload_are_in_order(tmp_path: Path) -> None:
                 stdout=sink, stderr=subprocess.DEVNULL, cwd=ROOT,
             )
         try:
-            victim = worker(agent, "api", "api:0")["pid"]
-            os.kill(victim, signal.SIGKILL)
-            wait_for_sync(
-                lambda: service_status(agent, "api")["ready"] == 2
-                and victim not in worker_pids(agent, "api"),
-                WAIT, "api:0 replaced",
-            )
+            victim = kill_and_wait_replaced(agent, "api:0")
             reload = svctl(agent, "reload", "api")
             assert reload.returncode == 0, reload.stdout + reload.stderr
             evts = events(agent)

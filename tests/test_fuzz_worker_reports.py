@@ -33,6 +33,7 @@ from agent.discovery import WorkerRecord, endpoints_from
 from agent.metrics import MetricsCollector, MetricsServer
 from supervisor.stats import WorkerStats
 from supervisor.status import ServiceStatus, WorkerStatus
+from tests.test_registry import WORKER_FIELDS  # the SPEC's worker value fields
 
 EXAMPLES = int(os.environ.get("SVCD_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
@@ -156,21 +157,7 @@ def _render(services: list[ServiceStatus]) -> str:
         st.binary(max_size=300),
         json_any.map(lambda v: json.dumps(v).encode()),
         st.fixed_dictionaries(
-            {
-                k: scalars
-                for k in (
-                    "service",
-                    "agent",
-                    "worker",
-                    "addr",
-                    "pid",
-                    "state",
-                    "ready",
-                    "health",
-                    "generation",
-                    "started_at",
-                )
-            },
+            {k: scalars for k in sorted(WORKER_FIELDS - {"meta"})},
             optional={"meta": json_any},
         ).map(lambda v: json.dumps(v).encode()),
     )
