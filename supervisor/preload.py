@@ -39,7 +39,7 @@ from typing import Any
 from supervisor.environment import service_env
 from supervisor.logs import LogStore
 from supervisor.reaper import ExitStatus, Reaper, signal_group, signal_process
-from supervisor.spawn import PRIVATE_PREFIX, SpawnError, SpawnRequest, spawn
+from supervisor.spawn import SpawnError, SpawnRequest, passed_env, spawn
 from supervisor.spec import ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,6 @@ FORK_REPLY_TIMEOUT = 10.0
 #: After the channel closes, how long the template gets to exit before SIGKILL.
 EXIT_TIMEOUT = 5.0
 MAX_REPLY = 64 * 1024
-#: Set by the forked worker itself (LISTEN_PID must be its own pid).
-_WORKER_SETS = frozenset({"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID"})
 
 
 class PreloadFailed(SpawnError):
@@ -160,12 +158,8 @@ class Preloader:
     async def _fork(self, req: SpawnRequest) -> int:
         channel = self._channel
         assert channel is not None and req.stdout is not None and req.stderr is not None
-        env = {
-            k: v for k, v in req.env.items()
-            if not k.startswith(PRIVATE_PREFIX) and k not in _WORKER_SETS
-        }
         message = json.dumps(
-            {"env": env, "fd_names": list(req.fd_names), "agent_pid": os.getpid()}
+            {"env": passed_env(req.env), "fd_names": list(req.fd_names), "agent_pid": os.getpid()}
         ).encode()
         fds = array.array("i", [*req.fds, req.stdout, req.stderr])
         try:

@@ -92,8 +92,9 @@ _RESET_SIGNALS: tuple[int, ...] = tuple(
 )
 
 _EMPTY_RLIMITS: Mapping[str, int] = {}
-#: Set by the trampoline itself (LISTEN_PID must be the child's own pid).
-_TRAMPOLINE_SETS = frozenset({"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"})
+#: Set by the child itself, whether exec'd through the trampoline or forked from a
+#: preload template (LISTEN_PID and WATCHDOG_PID must be the child's own pid).
+SET_BY_CHILD = frozenset({"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID"})
 
 
 class SpawnError(SupervisorError):
@@ -134,6 +135,13 @@ def clean_environ(base: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+def passed_env(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without our private variables and those the child sets for itself."""
+    return {
+        k: v for k, v in env.items() if not k.startswith(PRIVATE_PREFIX) and k not in SET_BY_CHILD
+    }
+
+
 def spawn(req: SpawnRequest) -> int:
     """Start the process described by `req`; return its pid (= its process group id).
 
@@ -166,11 +174,7 @@ def _child_env(req: SpawnRequest) -> dict[str, str]:
     for name in req.fd_names:
         if ":" in name or not name:
             raise SpawnError(f"bad fd name {name!r} (empty or contains ':')")
-    env = {
-        k: v
-        for k, v in req.env.items()
-        if not k.startswith(PRIVATE_PREFIX) and k not in _TRAMPOLINE_SETS
-    }
+    env = passed_env(req.env)
     private = {
         "PPID": str(os.getpid()),
         "NFDS": str(len(req.fds)),
