@@ -380,14 +380,14 @@ class Worker:
         try:
             proc = await self._launch()
         except StoppedWhileStarting as exc:
-            self._never_started(f"stopped while starting: {exc}")
+            self._never_started("stopped while starting", exc)
             return _Ended(None, requested_stop=True)
         except PreloadFailed as exc:
             # like a process that died at start: backoff and start limit apply
-            self._never_started(f"preload failed: {exc}")
+            self._never_started("preload failed", exc)
             return _Ended(None, start_failed=str(exc))
         except (SpawnError, OSError, ValueError) as exc:
-            self._never_started(f"spawn failed: {exc}")
+            self._never_started("spawn failed", exc)
             return _Ended(None, spawn_error=str(exc))
         deadline_ready = proc.started + self.spec.ready_timeout
         while True:
@@ -450,9 +450,10 @@ class Worker:
                 raise StoppedWhileStarting(self._stop_reason)
             self._wakeup.clear()
 
-    def _never_started(self, reason: str) -> None:
+    def _never_started(self, what: str, why: BaseException) -> None:
         """EXITED/BACKOFF/FATAL -> STARTING -> EXITED: the process never existed."""
-        self._set_state(WorkerState.STARTING, "started", message=reason.split(":")[0])
+        self._set_state(WorkerState.STARTING, "started", message=what)
+        reason = f"{what}: {why}"
         self.last_exit = self.end_reason = reason
         self.exits += 1
         self._set_state(WorkerState.EXITED, "exited", message=reason)
