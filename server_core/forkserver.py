@@ -16,7 +16,8 @@ signals its process group and sees its exit like any spawned worker's. In the wo
 `become_worker` does what svcd's exec trampoline does for a spawned program: its own
 session, PR_SET_PDEATHSIG once svcd is its parent, fds 3.. / 1 / 2 in place, the
 environment replaced by the request's (LISTEN_PID = its own pid), and returns into
-`runtime.run`, which then serves exactly as if the program had just been exec'd.
+`runtime.run`, which then serves exactly as if the program had just been exec'd and
+ends the process with `end_worker` (`_exit`, no interpreter teardown) after the drain.
 
 Invariants: the template never runs an event loop and never serves a connection (a
 loop or its threads must not cross a fork); it exits when svcd closes the channel;
@@ -35,8 +36,9 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from server_core.runtime import FORKSERVER_CHANNEL, SD_LISTEN_FDS_START
 
@@ -162,6 +164,28 @@ def become_worker(channel: socket.socket, request: dict[str, Any], fds: list[int
             os.write(2, f"svcd preload: worker setup failed: {exc}\n".encode())
         finally:
             os._exit(EXIT_SETUP_FAILED)
+
+
+def end_worker(code: int) -> NoReturn:
+    """End a forked worker once it has drained: flush what it wrote, then `_exit`.
+
+    A forked worker shares every object the template made while importing. Normal
+    interpreter exit would run their finalizers and the template's atexit handlers in
+    each worker (closing a pooled connection the template and its siblings still use,
+    say), as multiprocessing avoids for its fork children the same way; it would also
+    spend tens of milliseconds tearing down modules while svcd waits for the old
+    generation to be gone. Threads the worker itself started are joined first, as at a
+    normal exit.
+    """
+    try:
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def _wait_for_reparenting(agent_pid: int) -> None:

@@ -155,6 +155,12 @@ def run(worker: Worker) -> int:
             if not forkserver.serve_forks(channel):
                 return 0  # the template's generation is over
             worker.adopt_environ()  # a forked worker: this process's own identity
+            forkserver.end_worker(_serve(worker))
+    return _serve(worker)
+
+
+def _serve(worker: Worker) -> int:
+    """Serve the inherited sockets, or bind the address alone; the exit code."""
     inherited = inherited_sockets()
     notifier = Notifier.from_environ()
     watchdog = watchdog_interval()

@@ -196,6 +196,9 @@ class Worker:
     def run(self) -> None:
         """Serve as this process's main program; returns after a graceful stop.
 
+        A worker forked from a preload template does not return: it ends its process
+        after the drain (`forkserver.end_worker`).
+
         Raises SystemExit(1) when the worker could not start (bind failure,
         on_worker_start raised), so a supervisor sees the failure.
         """

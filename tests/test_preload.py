@@ -171,6 +171,25 @@ def test_nothing_outlives_the_agent(tmp_path: Path) -> None:
     wait_for_sync(all_gone, WAIT, "template and workers gone with the agent")
 
 
+def test_forked_workers_exit_without_the_templates_atexit_handlers(tmp_path: Path) -> None:
+    port = free_port()
+    ran_atexit = tmp_path / "atexit.log"
+    extra = f'env = {{ FAIL_IF_EXISTS = "{tmp_path / "fail"}", ATEXIT_LOG = "{ran_atexit}" }}'
+    config = services(port, tmp_path / "fail").replace(
+        f'env = {{ FAIL_IF_EXISTS = "{tmp_path / "fail"}" }}', extra
+    )
+    with AgentProcess(tmp_path, config) as agent:
+        (template,) = templates(agent)
+        forked = set(agent.worker_pids("api"))
+        assert agent.svctl("stop", "api").returncode == 0
+        wait_for_sync(lambda: not agent.descendants(), WAIT, "nothing left after stop")
+        events = [json.loads(line) for line in agent.svctl("events", "--json").stdout.splitlines()]
+        exits = [e for e in events if e["type"] == "exited" and e["pid"] in forked]
+        assert sorted(e["message"] for e in exits) == ["exited with code 0"] * 2
+    # the handler was registered in the template: it ran there only, not in each worker
+    assert ran_atexit.read_text().split() == [str(template.pid)]
+
+
 def test_stop_ends_template_and_workers(tmp_path: Path) -> None:
     port = free_port()
     with AgentProcess(tmp_path, services(port, tmp_path / "fail")) as agent:

@@ -3,11 +3,14 @@
 `GET /` answers JSON: its pid, the pid of the process that imported this module (the
 preload template when forked, itself when exec'd) and its SVCD_WORKER/SVCD_GENERATION.
 When the file named by $FAIL_IF_EXISTS exists, importing fails (a broken deploy);
-$SLOW_IMPORT seconds make importing slow.
+$SLOW_IMPORT seconds make importing slow. With $ATEXIT_LOG set, the importing process
+registers an atexit handler that appends its pid there (who runs the template's
+handlers at exit).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -16,6 +19,12 @@ import time
 from server_core import Request, Response, Worker
 
 IMPORTED_IN = os.getpid()
+if atexit_log := os.environ.get("ATEXIT_LOG"):
+    def _record_exit(path: str = atexit_log) -> None:
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    atexit.register(_record_exit)
 time.sleep(float(os.environ.get("SLOW_IMPORT", "0")))  # an app that takes long to load
 
 if os.path.exists(os.environ.get("FAIL_IF_EXISTS", "/nonexistent")):
