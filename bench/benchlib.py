@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -40,6 +41,9 @@ REPO = BENCH.parent
 PEERS_ENV = BENCH / ".work" / "peers.env"  # written by bench/peers/install.sh
 PYTHON = sys.executable
 VENV_BIN = Path(sys.executable).parent
+#: The bench-only venv holding a regular (non-editable) install of svcd, as users have it.
+SVCD_VENV = BENCH / ".work" / "venv-svcd"
+PIP_TIMEOUT = 900.0  # seconds: the first install downloads grpcio and friends
 
 TERM_GRACE = 10.0  # seconds a process group gets between SIGTERM and SIGKILL
 KILL_WAIT = 5.0  # seconds to reap a process group after its SIGKILL
@@ -111,6 +115,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def install_svcd(venv: Path = SVCD_VENV, reinstall: bool = True) -> dict[str, Any]:
+    """`pip install REPO` (non-editable) into `venv`; returns what was installed.
+
+    The dependencies are installed the first time only; svcd itself is rebuilt from the
+    working tree every time (`--force-reinstall --no-deps`), so the figures belong to
+    the code in the tree (its commit and whether svcd's packages had local changes are
+    recorded). The dev venv's editable install costs every svcd process (agent, svctl,
+    a server_core worker) its site hook at start-up, which users do not pay.
+    """
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+
+    def run(argv: list[str]) -> None:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=PIP_TIMEOUT)
+        if proc.returncode != 0:
+            raise BenchError(f"{shlex.join(argv)} failed: {proc.stderr[-2000:]}")
+
+    fresh = not python.exists()
+    if fresh:
+        run([sys.executable, "-m", "venv", str(venv)])
+        run([*pip, str(REPO)])
+    elif reinstall:
+        run([*pip, "--force-reinstall", "--no-deps", str(REPO)])
+    check = subprocess.run(  # the installed package, not the tree, answers the import
+        [str(python), "-c", "import agent, sys; sys.stdout.write(agent.__file__)"],
+        capture_output=True, text=True, timeout=60, cwd=venv)
+    if check.returncode != 0 or not check.stdout.startswith(str(venv)):
+        raise BenchError(f"svcd is not installed in {venv}: {check.stdout}{check.stderr}")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO,
+                              timeout=60).stdout.strip()
+
+    packages = ("agent", "supervisor", "server_core")
+    return {"venv": str(venv.relative_to(REPO)), "installed_from": "working tree",
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--", *packages)),
+            "fresh_venv": fresh}
 
 
 # --- statistics and waiting ----------------------------------------------------------

@@ -24,6 +24,11 @@ Systems (each the way its users run it):
 - `circus`: circusd, a circus socket, the same server_core hello as svcd-core (through
   activate.py), `circusctl reload`
 
+svcd (the agent, svctl, and the Python that runs server_core's hello for svcd and
+circus) comes from a regular `pip install .` of the working tree into
+bench/.work/venv-svcd, as users install it; `--editable` uses the dev venv instead,
+whose editable-install site hook every process pays at start-up.
+
 Peers come from bench/peers/install.sh (bench/.work/peers.env); a missing one is
 skipped with a note. Bounded: every wait has a deadline, every run a fixed length.
 Clean: every process goes through `Procs` and is ended in a `finally` (process groups,
@@ -60,10 +65,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for benc
 from benchlib import (
     PYTHON,
     REPO,
+    SVCD_VENV,
     VENV_BIN,
     BenchError,
     Procs,
     free_port,
+    install_svcd,
     machine,
     peers,
     run_dir,
@@ -75,6 +82,19 @@ HERE = Path(__file__).resolve().parent
 PROGRAMS = REPO / "tests" / "programs"
 HELLO = REPO / "examples" / "hello.py"
 RESULTS = HERE / "results" / "latest.json"
+
+
+
+@dataclass
+class SvcdInstall:
+    """Where svcd, svctl and the Python running server_core's hello come from: a regular
+    install (bench/.work/venv-svcd, as users have it) unless --editable."""
+
+    bin: Path = VENV_BIN
+    python: str = PYTHON
+
+
+SVCD = SvcdInstall()
 
 WORKERS = 2
 CONNECTIONS = 50
@@ -181,14 +201,14 @@ class Svcd(System):
             ready_timeout = 30
             """) + textwrap.dedent(self.service_extra))
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        self.proc = self.procs.spawn(self.name, [str(VENV_BIN / "svcd"), "--config", str(config)],
+        self.proc = self.procs.spawn(self.name, [str(SVCD.bin / "svcd"), "--config", str(config)],
                                      env=env, cwd=REPO, log=self.tmp / "svcd.log")
         self._serving()
         wait_until(lambda: self.status()["services"][0]["ready"] == WORKERS, START_WITHIN,
                    "svcd workers ready", 0.1)
 
     def svctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(VENV_BIN / "svctl"), "--socket", self.socket, *args],
+        return subprocess.run([str(SVCD.bin / "svctl"), "--socket", self.socket, *args],
                               capture_output=True, text=True, timeout=120, cwd=REPO)
 
     def status(self) -> dict[str, Any]:
@@ -212,7 +232,10 @@ class Svcd(System):
 
 class SvcdCore(Svcd):
     name = "svcd-core"
-    worker = [PYTHON, str(HELLO)]
+
+    def start(self) -> None:
+        self.worker = [SVCD.python, str(HELLO)]
+        super().start()
 
 
 class SvcdCoreSurge2(SvcdCore):
@@ -367,8 +390,8 @@ class Circus(System):
             check_delay = 5
 
             [watcher:w]
-            cmd = {PYTHON}
-            args = {HERE / 'activate.py'} $(circus.sockets.web) {PYTHON} {HELLO}
+            cmd = {SVCD.python}
+            args = {HERE / 'activate.py'} $(circus.sockets.web) {SVCD.python} {HELLO}
             numprocesses = {WORKERS}
             use_sockets = True
             copy_env = True
@@ -625,7 +648,16 @@ def main() -> int:
     parser.add_argument("--peer-rounds", type=int, default=3, help="reload runs per peer")
     parser.add_argument("--only", default="", help="comma-separated system names")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--editable", action="store_true",
+                        help="run svcd from the dev venv's editable install, not from a "
+                             f"regular install in {SVCD_VENV.relative_to(REPO)}")
     args = parser.parse_args()
+    if args.editable:
+        svcd_install: dict[str, Any] = {"venv": "editable dev venv"}
+    else:
+        svcd_install = install_svcd(SVCD_VENV)
+        SVCD.bin = SVCD_VENV / "bin"
+        SVCD.python = str(SVCD.bin / "python")
     tools = peers()
     tools.setdefault("wrk", shutil.which("wrk") or "")
     tools.setdefault("gunicorn", str(VENV_BIN / "gunicorn"))
@@ -658,6 +690,7 @@ def main() -> int:
         "machine": machine(),
         "command": "bench/reload/run.py " + " ".join(sys.argv[1:]),
         "wrk": f"wrk -t1 -c{CONNECTIONS} -d{DURATION}s --latency, reloads at {RELOAD_AT} s",
+        "svcd_install": svcd_install,
         "results": results,
         "skipped": skipped,
     }

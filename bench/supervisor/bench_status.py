@@ -41,14 +41,15 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    PEERS_ENV,
     PYTHON,
     REPO,
+    SVCD_VENV,
     SVCTL,
     BenchError,
     Procs,
     Svcd,
     free_port,
+    install_svcd,
     machine,
     peers,
     run_dir,
@@ -60,9 +61,6 @@ from common import (
 from peers import Circus, Peer, Pm2, Supervisord
 
 GOAL_RATIO = 1.5
-#: The bench-only venv holding a regular (non-editable) install of svcd.
-SVCD_VENV = PEERS_ENV.parent / "venv-svcd"
-PIP_TIMEOUT = 900.0  # seconds: the first install downloads grpcio and friends
 WORKERS = 2
 IMPORTTIME_RUNS = 3  # importtime is noisy too: keep the run with the least total
 TOP_IMPORTS = 15
@@ -89,43 +87,6 @@ def hyperfine(commands: dict[str, list[str]], runs: int, out: Path,
             "system_ms": round(entry["system"] * 1000, 1),
         }
     return results
-
-
-def install_svcd(venv: Path, reinstall: bool = True) -> dict[str, Any]:
-    """`pip install REPO` (non-editable) into `venv`; returns what was installed.
-
-    The dependencies are installed the first time only; svcd itself is rebuilt from the
-    working tree every time (`--force-reinstall --no-deps`), so the figures belong to
-    the code in the tree (its commit and whether agent/ had local changes are recorded).
-    """
-    python = venv / "bin" / "python"
-    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-
-    def run(argv: list[str]) -> None:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=PIP_TIMEOUT)
-        if proc.returncode != 0:
-            raise BenchError(f"{shlex.join(argv)} failed: {proc.stderr[-2000:]}")
-
-    fresh = not python.exists()
-    if fresh:
-        run([sys.executable, "-m", "venv", str(venv)])
-        run([*pip, str(REPO)])
-    elif reinstall:
-        run([*pip, "--force-reinstall", "--no-deps", str(REPO)])
-    check = subprocess.run(  # the installed package, not the tree, answers the import
-        [str(python), "-c", "import agent, sys; sys.stdout.write(agent.__file__)"],
-        capture_output=True, text=True, timeout=60, cwd=venv)
-    if check.returncode != 0 or not check.stdout.startswith(str(venv)):
-        raise BenchError(f"svcd is not installed in {venv}: {check.stdout}{check.stderr}")
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO,
-                              timeout=60).stdout.strip()
-
-    return {"venv": str(venv.relative_to(REPO)), "installed_from": "working tree",
-            "commit": git("rev-parse", "--short", "HEAD"),
-            "agent_dirty": bool(git("status", "--porcelain", "--", "agent")),
-            "fresh_venv": fresh}
 
 
 def run_once(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:

@@ -42,10 +42,12 @@ from benchlib import (
     PEERS_ENV,
     PYTHON,
     REPO,
+    SVCD_VENV,
     VENV_BIN,
     BenchError,
     Procs,
     free_port,
+    install_svcd,
     machine,
     peers,
     percentile,
@@ -56,10 +58,11 @@ from benchlib import (
 
 # the supervisor benchmarks import the shared plumbing from here, next to their own
 __all__ = [
-    "HELLO", "MIB", "PEERS_ENV", "PYTHON", "REPO", "STDLIB_WORKER", "SVCD", "SVCTL",
-    "TINY_HTTP", "BenchError", "Probe", "Procs", "Svcd", "first_answer", "free_port",
-    "hello_command", "http_get", "machine", "peers", "probe_new_answer", "run_dir",
-    "stdlib_command", "summary", "svcd_service", "wait_until", "write_result",
+    "HELLO", "MIB", "PEERS_ENV", "PYTHON", "REPO", "STDLIB_WORKER", "SVCD", "SVCD_VENV",
+    "SVCTL", "TINY_HTTP", "BenchError", "Probe", "Procs", "Svcd", "first_answer",
+    "free_port", "hello_command", "http_get", "install_svcd", "machine", "peers",
+    "probe_new_answer", "run_dir", "stdlib_command", "summary", "svcd_service",
+    "wait_until", "write_result",
 ]
 
 HERE = Path(__file__).resolve().parent
