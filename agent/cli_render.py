@@ -140,6 +140,15 @@ def _service_lines(svc: dict[str, Any], color: bool, rule: str) -> list[str]:
         for w in workers
         if w.get("last_exit_reason") and w["restarts"]
     )
+    lines.extend(
+        Text(
+            f"preload template  pid {t['pid']}  generation {t['generation']}"
+            f"  memory {human_bytes(t['rss_bytes'])}  forks {t['forks']}"
+            f"  up {human_duration(t['uptime_s'])}",
+            "dim",
+        ).render(color)
+        for t in svc.get("templates", ())
+    )
     return lines
 
 

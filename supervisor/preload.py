@@ -36,11 +36,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import psutil
+
 from supervisor.environment import service_env
 from supervisor.logs import LogStore
 from supervisor.reaper import ExitStatus, Reaper, signal_group, signal_process
 from supervisor.spawn import SpawnError, SpawnRequest, passed_env, spawn
 from supervisor.spec import ServiceSpec
+from supervisor.status import TemplateStatus
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ class Preloader:
         self.pid = 0
         self.forks = 0
         self._closed = False
+        self._started = 0.0  # monotonic time the current template was spawned
+        self._process: psutil.Process | None = None  # for its memory, read on status
 
     @property
     def running(self) -> bool:
@@ -110,6 +115,18 @@ class Preloader:
             except asyncio.CancelledError:
                 fork.add_done_callback(_kill_orphan)
                 raise
+
+    def status(self) -> TemplateStatus | None:
+        """The template while its process runs (still importing, or forking), else None."""
+        if not self.running:
+            return None
+        rss = 0.0
+        with contextlib.suppress(psutil.Error):
+            if self._process is None or self._process.pid != self.pid:
+                self._process = psutil.Process(self.pid)
+            rss = float(self._process.memory_info().rss)
+        return TemplateStatus(pid=self.pid, generation=self.generation, rss_bytes=rss,
+                              uptime_s=time.monotonic() - self._started, forks=self.forks)
 
     async def close(self) -> None:
         """End the template and reap it (idempotent; the forked workers live on)."""
@@ -144,7 +161,7 @@ class Preloader:
             os.close(out_w)
             os.close(err_w)
         self._exited = self._reaper.watch(pid, since=before)
-        self._channel, self.pid = ours, pid
+        self._channel, self.pid, self._started = ours, pid, before
         ours.setblocking(False)
         self._logs.attach(PRELOAD_LOG_SLOT, pid, "stdout", out_r, label="preload")
         self._logs.attach(PRELOAD_LOG_SLOT, pid, "stderr", err_r, label="preload")

@@ -221,6 +221,10 @@ class Service:
             meta=dict(self.spec.meta),
             log_lines_dropped=self.logs.dropped,
             log_lines_cut=self.logs.cut,
+            templates=tuple(
+                t for g in sorted(self._preloaders)
+                if (t := self._preloaders[g].status()) is not None
+            ),
         )
 
     @property

@@ -46,6 +46,18 @@ class WorkerStatus:
 
 
 @dataclass(frozen=True)
+class TemplateStatus:
+    """The running preload template of one generation (`preload = true`): not a worker,
+    but a process of the service that holds memory, so status shows it."""
+
+    pid: int
+    generation: int
+    rss_bytes: float
+    uptime_s: float
+    forks: int  # workers forked from it so far
+
+
+@dataclass(frozen=True)
 class ServiceStatus:
     """One service and all its current workers (old and new generation during a reload)."""
 
@@ -62,6 +74,7 @@ class ServiceStatus:
     meta: dict[str, str] = field(default_factory=dict)
     log_lines_dropped: int = 0  # lines the log file could not take (LogStore.dropped)
     log_lines_cut: int = 0  # lines cut at LogSpec.max_line (LogStore.cut)
+    templates: tuple[TemplateStatus, ...] = ()  # running preload templates, oldest first
 
 
 @dataclass(frozen=True)

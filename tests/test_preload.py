@@ -69,6 +69,7 @@ def test_preloaded_workers_are_forked_children_of_the_agent(tmp_path: Path) -> N
     with AgentProcess(tmp_path, services(port, tmp_path / "fail")) as agent:
         (template,) = templates(agent)
         assert template.ppid() == agent.proc.pid  # type: ignore[union-attr]
+        assert f"preload template  pid {template.pid}  generation 1" in agent.svctl("status").stdout
         slot_of = {}
         for w in workers(agent):
             assert psutil.Process(w["pid"]).ppid() == agent.proc.pid  # type: ignore[union-attr]
@@ -105,6 +106,9 @@ def test_reload_forks_from_a_new_template_and_retires_the_old(tmp_path: Path) ->
         wait_for_sync(lambda: all_ready(agent, 2), WAIT, "generation 2 ready")
         wait_for_sync(lambda: not old_template.is_running(), WAIT, "old template gone")
         (new_template,) = templates(agent)
+        (shown,) = agent.status()["services"][0]["templates"]  # status shows the template
+        assert (shown["pid"], shown["generation"], shown["forks"]) == (new_template.pid, 2, 2)
+        assert shown["rss_bytes"] > 0
         assert not old_pids & set(agent.worker_pids("api"))
         answers = {ask(port)["imported_in"] for _ in range(10)}
         assert answers == {new_template.pid}

@@ -95,7 +95,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker: _Optional[str] = ..., index: _Optional[int] = ..., pid: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[str] = ..., ready: _Optional[bool] = ..., health: _Optional[str] = ..., restarts: _Optional[int] = ..., uptime_s: _Optional[float] = ..., rss_bytes: _Optional[float] = ..., cpu_percent: _Optional[float] = ..., connections: _Optional[int] = ..., requests: _Optional[int] = ..., qps: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., send_fail: _Optional[int] = ..., timers: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ..., started_at: _Optional[float] = ..., health_reason: _Optional[str] = ..., status_text: _Optional[str] = ..., last_exit: _Optional[str] = ..., exit_counts: _Optional[_Mapping[str, int]] = ..., metrics: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ..., num_fds: _Optional[int] = ..., num_threads: _Optional[int] = ..., last_exit_reason: _Optional[str] = ...) -> None: ...
 
 class ServiceStatus(_message.Message):
-    __slots__ = ("name", "state", "desired", "ready", "generation", "workers", "listen", "required_ready", "reloads", "advertise", "meta", "log_lines_dropped", "log_lines_cut")
+    __slots__ = ("name", "state", "desired", "ready", "generation", "workers", "listen", "required_ready", "reloads", "advertise", "meta", "log_lines_dropped", "log_lines_cut", "templates")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class ServiceStatus(_message.Message):
     META_FIELD_NUMBER: _ClassVar[int]
     LOG_LINES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     LOG_LINES_CUT_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     desired: int
@@ -129,7 +130,22 @@ class ServiceStatus(_message.Message):
     meta: _containers.ScalarMap[str, str]
     log_lines_dropped: int
     log_lines_cut: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., desired: _Optional[int] = ..., ready: _Optional[int] = ..., generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., listen: _Optional[_Iterable[str]] = ..., required_ready: _Optional[int] = ..., reloads: _Optional[int] = ..., advertise: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ..., log_lines_dropped: _Optional[int] = ..., log_lines_cut: _Optional[int] = ...) -> None: ...
+    templates: _containers.RepeatedCompositeFieldContainer[PreloadTemplate]
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., desired: _Optional[int] = ..., ready: _Optional[int] = ..., generation: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., listen: _Optional[_Iterable[str]] = ..., required_ready: _Optional[int] = ..., reloads: _Optional[int] = ..., advertise: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ..., log_lines_dropped: _Optional[int] = ..., log_lines_cut: _Optional[int] = ..., templates: _Optional[_Iterable[_Union[PreloadTemplate, _Mapping]]] = ...) -> None: ...
+
+class PreloadTemplate(_message.Message):
+    __slots__ = ("pid", "generation", "rss_bytes", "uptime_s", "forks")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    FORKS_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    generation: int
+    rss_bytes: float
+    uptime_s: float
+    forks: int
+    def __init__(self, pid: _Optional[int] = ..., generation: _Optional[int] = ..., rss_bytes: _Optional[float] = ..., uptime_s: _Optional[float] = ..., forks: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("agent", "services")
