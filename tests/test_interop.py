@@ -252,9 +252,13 @@ def events(agent: AgentProcess) -> list[dict[str, object]]:
 # --- server_core --------------------------------------------------------------------
 
 
-def test_server_core_worker_through_ten_reloads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preload", [False, True], ids=["exec", "preload"])
+def test_server_core_worker_through_ten_reloads(tmp_path: Path, preload: bool) -> None:
+    # preload: every generation is forked from a new template, and an old worker ends
+    # with _exit right after its drain: nothing it answered may be lost on the way out
     port = free_port()
-    with AgentProcess(tmp_path, service_toml("web", core_command(), port)) as agent:
+    extra = "preload = true" if preload else ""
+    with AgentProcess(tmp_path, service_toml("web", core_command(), port, extra)) as agent:
         reload_under_load(agent, "web", port, CORE_RELOADS)
 
 
