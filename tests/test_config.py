@@ -257,7 +257,7 @@ def test_registry_settings(tmp_path: Path) -> None:
     for name in ("ca.pem", "c.pem", "k.pem"):
         write(tmp_path, name, "x")
     text = MINIMAL + (
-        '[registry]\nendpoints = ["https://127.0.0.1:2379", "https://[::1]:2379"]\n'
+        '[registry]\nendpoints = ["https://127.0.0.1:2379", "https://etcd-1.internal:2379"]\n'
         'prefix = "/prod"\nttl = 5\ntimeout = 2\nusername = "u"\npassword = "p"\n'
         'ca_cert = "ca.pem"\ncert = "c.pem"\nkey = "k.pem"\ngrpc_naming_prefix = "/grpc/api/"\n'
         "deregister_delay = 1.5\n"
@@ -265,7 +265,7 @@ def test_registry_settings(tmp_path: Path) -> None:
     config = load(tmp_path, text)
     registry = config.registry
     assert registry is not None
-    assert registry.endpoints == ("https://127.0.0.1:2379", "https://[::1]:2379")
+    assert registry.endpoints == ("https://127.0.0.1:2379", "https://etcd-1.internal:2379")
     assert (registry.prefix, registry.ttl, registry.timeout) == ("/prod", 5, 2.0)
     assert (registry.username, registry.password) == ("u", "p")
     assert registry.ca_cert == str(tmp_path / "ca.pem")
@@ -527,6 +527,11 @@ ERRORS = [
         MINIMAL + "[registry]\nendpoints = ['http://127.0.0.1']\n",
         "registry.endpoints[0]",
         "HOST:PORT",
+    ),
+    (
+        MINIMAL + "[registry]\nendpoints = ['http://[::1]:2379']\n",
+        "registry.endpoints[0]",
+        "IPv6 etcd endpoints are not supported",
     ),
     (
         MINIMAL + "[registry]\nendpoints = 'embedded'\nprefix = 'svcd/'\n",

@@ -150,6 +150,12 @@ def etcd_endpoint(url: str) -> str | Invalid:
     parsed = host_port(rest.rstrip("/"))
     if isinstance(parsed, Invalid):
         return Invalid(f"{parsed.reason}, in {show(url)}")
+    if ":" in parsed[0]:
+        # etcd3aio dials an `ipv4:` gRPC target: an IPv6 endpoint would never connect
+        return Invalid(
+            f"IPv6 etcd endpoints are not supported (the etcd client speaks IPv4): "
+            f"use an IPv4 address or a host name with an IPv4 address, got {show(url)}"
+        )
     return url
 
 
