@@ -118,6 +118,12 @@ class AgentProcess:
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)  # type: ignore[no-any-return]
 
+    def events(self) -> list[dict[str, Any]]:
+        """The agent's recent events (`svctl events --json`), oldest first."""
+        out = svctl(self, "events", "--json")  # with the generous query deadline
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
     def worker_pids(self, service: str) -> list[int]:
         for svc in self.status()["services"]:
             if svc["name"] == service:

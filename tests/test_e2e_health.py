@@ -82,12 +82,6 @@ def health_table(service: str, **overrides: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def events(agent: AgentProcess) -> list[dict[str, Any]]:
-    out = svctl(agent, "events", "--json")
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-
-
 def wait_events(
     agent: AgentProcess, done: Callable[[list[dict[str, Any]]], bool], what: str
 ) -> list[dict[str, Any]]:
@@ -95,7 +89,7 @@ def wait_events(
     seen: list[list[dict[str, Any]]] = []
 
     def holds() -> bool:
-        seen[:] = [events(agent)]
+        seen[:] = [agent.events()]
         return done(seen[0])
 
     wait_for_sync(holds, WAIT, what)
@@ -215,7 +209,7 @@ graceful_timeout = 5
         assert healthy["restarts"] == 0 and healthy["state"] == "running", healthy
         assert healthy["health"] == "passing", healthy
         assert not any(e["worker"] == "api:0" and e["type"] in ("unhealthy", "exited")
-                       for e in events(agent))
+                       for e in agent.events())
 
 
 # ---------------------------------------------------------------- on_failure = "unready"
@@ -288,7 +282,7 @@ graceful_timeout = 5
             return time.monotonic() - since >= hold
 
         wait_for_sync(held, hold + WAIT, "unready workers kept running")
-        evts = events(agent)
+        evts = agent.events()
         assert not [e for e in evts if e["type"] in ("stopping", "exited", "restarted")
                     and e["service"] in ("strict", "relaxed")], "an unready worker was stopped"
         assert all(w["restarts"] == 0 for n in ("strict", "relaxed")
@@ -303,7 +297,7 @@ graceful_timeout = 5
         wait_for_sync(lambda: check(channel, "readiness") == SERVING, WAIT, "readiness SERVING")
         assert probe(agent, "ready") == 0
         assert {n: worker_pids(agent, n) for n in pids} == pids
-        evts = events(agent)
+        evts = agent.events()
         mine = [e for e in evts if e["worker"] == "strict:1"]
         kinds = [e["type"] for e in mine]
         order = [kinds.index("unhealthy"), kinds.index("unready")]
@@ -351,7 +345,7 @@ graceful_timeout = 5
         pinging = worker(agent, "pinging", "pinging:0")
         assert pinging["restarts"] == 0 and pinging["state"] == "running", pinging
         assert not any(e["worker"] == "pinging:0" and e["type"] in ("unhealthy", "exited")
-                       for e in events(agent))
+                       for e in agent.events())
 
 
 def test_max_memory_replaces_the_worker_gracefully(tmp_path: Path) -> None:
@@ -473,7 +467,7 @@ max = 0.5
 
             wait_for_sync(all_replaced_twice, 2 * WAIT, "every worker replaced twice")
             assert probe(agent, "live") == 0
-            failing = [e for e in events(agent) if e["type"] == "unhealthy"]
+            failing = [e for e in agent.events() if e["type"] == "unhealthy"]
             assert {e["worker"] for e in failing} == {w for _, w in slots}
             assert set(watch["liveness"].seen) == {SERVING}, watch["liveness"].seen
             assert check(channel, "liveness") == SERVING and check(channel, "") == SERVING

@@ -95,12 +95,6 @@ def series_of(samples: Samples, **labels: str) -> list[str]:
     return [name for name, lbl in samples if want <= set(lbl)]
 
 
-def events(agent: AgentProcess) -> list[dict[str, Any]]:
-    out = svctl(agent, "events", "--json")
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-
-
 def service_status(agent: AgentProcess, service: str) -> dict[str, Any]:
     for svc in agent_status(agent)["services"]:
         if svc["name"] == service:
@@ -299,7 +293,7 @@ def test_events_across_a_kill_and_a_reload_are_in_order(tmp_path: Path) -> None:
             victim = kill_and_wait_replaced(agent, "api:0")
             reload = svctl(agent, "reload", "api")
             assert reload.returncode == 0, reload.stdout + reload.stderr
-            evts = events(agent)
+            evts = agent.events()
             wait_for_sync(lambda: follow_out.read_text().count("\n") and any(
                 json.loads(x)["type"] == "reloaded" for x in follow_out.read_text().splitlines()
             ), WAIT, "the follower to see the reload")

@@ -239,14 +239,8 @@ def reload_under_load(agent: AgentProcess, service: str, port: int, reloads: int
     assert load.failed == 0, (load.failed, load.ok, load.errors)
     status = agent.status()["services"][0]
     assert status["ready"] == 2 and status["state"] == "running"
-    reloaded = [e for e in events(agent) if e["type"] == "reloaded"]
+    reloaded = [e for e in agent.events() if e["type"] == "reloaded"]
     assert len(reloaded) == reloads
-
-
-def events(agent: AgentProcess) -> list[dict[str, object]]:
-    out = agent.svctl("events", "--json")
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
 # --- server_core --------------------------------------------------------------------
@@ -301,7 +295,7 @@ def test_gunicorn_generation_whose_app_fails_is_rolled_back(
         load.wait_requests(50)
         load.stop()
         assert load.failed == 0, (load.failed, load.ok, load.errors)
-        assert any(e["type"] == "reload_failed" for e in events(agent))
+        assert any(e["type"] == "reload_failed" for e in agent.events())
 
 
 def test_gunicorn_notify_without_preload_is_ready_before_its_app_loads(tmp_path: Path) -> None:
@@ -321,7 +315,7 @@ def test_gunicorn_notify_without_preload_is_ready_before_its_app_loads(tmp_path:
         assert out.returncode == 0, out.stdout + out.stderr  # accepted: READY=1 came first
         assert not set(agent.worker_pids("web")) & before
         wait_for_sync(
-            lambda: any(e["type"] == "exited" and e["generation"] == 2 for e in events(agent)),
+            lambda: any(e["type"] == "exited" and e["generation"] == 2 for e in agent.events()),
             SERVE_WITHIN, "the broken generation exiting",
         )
 
@@ -400,7 +394,7 @@ def test_tcp_health_readiness_needs_a_worker_that_accepts(tmp_path: Path) -> Non
     try:
         # expected: never ready, so replaced after ready_timeout
         wait_for_sync(
-            lambda: any("not ready within" in str(e.get("message", "")) for e in events(agent)),
+            lambda: any("not ready within" in str(e.get("message", "")) for e in agent.events()),
             SERVE_WITHIN, "the worker that never accepts to be found not ready",
         )
     finally:
@@ -423,4 +417,4 @@ def test_tcp_health_readiness_of_a_worker_that_accepts(tmp_path: Path) -> None:
                         for w in agent.status()["services"][0]["workers"]),
             SERVE_WITHIN, "both workers passing",
         )
-        assert not any("not ready within" in str(e.get("message", "")) for e in events(agent))
+        assert not any("not ready within" in str(e.get("message", "")) for e in agent.events())

@@ -28,7 +28,8 @@ APP = ROOT / "tests" / "programs" / "preload_app.py"
 WAIT = 30.0
 
 
-def services(port: int, fail_flag: Path, extra: str = "") -> str:
+def services(port: int, fail_flag: Path, extra: str = "", env: str = "") -> str:
+    """The preloaded `api` service; `env`: more `KEY = "value"` pairs for its env."""
     return f"""
 [services.api]
 command = {json.dumps([sys.executable, str(APP)])}
@@ -37,7 +38,7 @@ listen = ["tcp://127.0.0.1:{port}"]
 preload = true
 graceful_timeout = 5
 ready_timeout = 10
-env = {{ FAIL_IF_EXISTS = "{fail_flag}" }}
+env = {{ FAIL_IF_EXISTS = "{fail_flag}"{", " + env if env else ""} }}
 {extra}
 """
 
@@ -178,17 +179,13 @@ def test_nothing_outlives_the_agent(tmp_path: Path) -> None:
 def test_forked_workers_exit_without_the_templates_atexit_handlers(tmp_path: Path) -> None:
     port = free_port()
     ran_atexit = tmp_path / "atexit.log"
-    extra = f'env = {{ FAIL_IF_EXISTS = "{tmp_path / "fail"}", ATEXIT_LOG = "{ran_atexit}" }}'
-    config = services(port, tmp_path / "fail").replace(
-        f'env = {{ FAIL_IF_EXISTS = "{tmp_path / "fail"}" }}', extra
-    )
+    config = services(port, tmp_path / "fail", env=f'ATEXIT_LOG = "{ran_atexit}"')
     with AgentProcess(tmp_path, config) as agent:
         (template,) = templates(agent)
         forked = set(agent.worker_pids("api"))
         assert agent.svctl("stop", "api").returncode == 0
         wait_for_sync(lambda: not agent.descendants(), WAIT, "nothing left after stop")
-        events = [json.loads(line) for line in agent.svctl("events", "--json").stdout.splitlines()]
-        exits = [e for e in events if e["type"] == "exited" and e["pid"] in forked]
+        exits = [e for e in agent.events() if e["type"] == "exited" and e["pid"] in forked]
         assert sorted(e["message"] for e in exits) == ["exited with code 0"] * 2
     # the handler was registered in the template: it ran there only, not in each worker
     assert ran_atexit.read_text().split() == [str(template.pid)]

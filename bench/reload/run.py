@@ -84,7 +84,6 @@ HELLO = REPO / "examples" / "hello.py"
 RESULTS = HERE / "results" / "latest.json"
 
 
-
 @dataclass
 class SvcdInstall:
     """Where svcd, svctl and the Python running server_core's hello come from: a regular
