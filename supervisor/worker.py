@@ -402,7 +402,10 @@ class Worker:
                 return await self._terminate(proc, reason, replaced=reason)
             if self._state is WorkerState.STARTING:
                 if self._ready_condition(proc):
-                    # STARTING -> RUNNING: READY=1 / first passing check / started
+                    # STARTING -> RUNNING: READY=1 / first passing check / started.
+                    # Sampled first, so status never shows a ready worker at 0 bytes.
+                    self._sample(proc)
+                    proc.next_sample = now + SAMPLE_INTERVAL
                     self._set_state(WorkerState.RUNNING, "ready", message=self._ready_how())
                     proc.last_ping = now
                     if proc.monitor is None:

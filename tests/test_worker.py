@@ -264,6 +264,13 @@ async def test_max_memory_replaces_gracefully(tmp_path: Path) -> None:
         assert exited.fields["code"] == 0  # drained with SIGTERM, not killed
 
 
+async def test_a_ready_worker_has_its_memory_sampled_already(tmp_path: Path) -> None:
+    async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
+        svc = await sup.add_service(worker_spec("web"))
+        await svc.wait_ready(10)
+        assert svc.workers[0].status().rss_bytes > 1e6  # not 0 until the first interval
+
+
 async def test_stats_from_psutil_and_reports(tmp_path: Path) -> None:
     async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
         spec = worker_spec("web")
