@@ -266,6 +266,9 @@ class EtcdClient:
         for url in self.endpoints:
             host, port, url_tls = parse_endpoint(url)
             tls = tls or url_tls
+            if ":" in host:  # an IPv6 literal: say so, not "address family not supported"
+                raise ValueError(f"IPv6 etcd endpoints ([{host}]) are not supported "
+                                 "(the etcd client speaks IPv4)")
             try:
                 ipaddress.IPv4Address(host)
                 targets.append(f"{host}:{port}")

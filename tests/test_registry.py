@@ -11,6 +11,7 @@ from agent.registry import (
     CHANNEL_OPTIONS,
     MAX_TXN_OPS,
     EtcdClient,
+    EtcdUnavailable,
     Registry,
     desired_keys,
     parse_endpoint,
@@ -107,6 +108,12 @@ def test_parse_endpoint() -> None:
     assert parse_endpoint("[::1]:2379") == ("::1", 2379, False)
     with pytest.raises(ValueError, match="port"):
         parse_endpoint("http://h:x")
+
+
+async def test_an_ipv6_endpoint_is_refused_with_the_reason() -> None:
+    client = EtcdClient(["http://[::1]:2379"], timeout=2)
+    with pytest.raises(EtcdUnavailable, match=r"IPv6 etcd endpoints \(\[::1\]\) are not supported"):
+        await client.connect()
 
 
 # ------------------------------------------------------------------ against etcd
