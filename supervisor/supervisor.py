@@ -9,6 +9,10 @@ Invariants:
 - A worker that misbehaves never takes the agent down: worker supervision contains its
   own errors (see worker.py), and the actions here only raise SupervisorError
   subclasses on purpose (ListenerError, ReloadFailed, UnknownService).
+- Each Supervisor keeps its workers' notify sockets in a directory of its own, made
+  under the given `notify_dir`: several agents may share one state dir (root's default
+  is the same for all of them) and socket names restart in every agent. Directories
+  left by agents that are no longer running are removed at start.
 - `close()` stops every service in parallel, each worker bounded by its
   graceful_timeout, and closes every listener; the reaper stays until `close_reaper()`
   because other parts of the agent (an embedded etcd, exec health checks) still wait
@@ -69,8 +73,13 @@ class Supervisor:
         self.reaper.start()
         if self._notify_dir is None:
             self._notify_dir = Path(tempfile.mkdtemp(prefix="svcd-notify-"))
-            self._own_notify_dir = True
-        self._notify_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            parent = self._notify_dir
+            parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(parent, NOTIFY_DIR_MODE)
+            _remove_stale_run_dirs(parent)
+            self._notify_dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.", dir=parent))
+        self._own_notify_dir = True
         os.chmod(self._notify_dir, NOTIFY_DIR_MODE)
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -151,3 +160,25 @@ class Supervisor:
     async def close_reaper(self) -> None:
         """Stop reaping (after `close()` and after anything else that spawns)."""
         self.reaper.close()
+
+
+def _remove_stale_run_dirs(parent: Path) -> None:
+    """Remove what agents no longer running left in `parent`: their `<pid>.<random>`
+    directories, and socket files of the layout before per-agent directories."""
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            pid = entry.name.partition(".")[0]
+            if entry.is_dir() and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.suffix == ".notify" and not entry.is_dir():
+                entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # somebody else's process: alive
+        return True
+    return True

@@ -49,7 +49,8 @@ graceful_timeout = 5
 class AgentProcess:
     """A `svcd --config` child with its own temp dirs and control socket."""
 
-    def __init__(self, tmp: Path, services_toml: str, extra_agent: str = "", registry: str = ""):
+    def __init__(self, tmp: Path, services_toml: str, extra_agent: str = "", registry: str = "",
+                 state_dir: Path | None = None):
         self.tmp = tmp
         self.socket = str(tmp / "run" / "svcd.sock")
         self.config = tmp / "svcd.toml"
@@ -60,7 +61,7 @@ class AgentProcess:
                 name = "test-agent"
                 control_socket = "{self.socket}"
                 log_dir = "{tmp / 'logs'}"
-                state_dir = "{tmp / 'state'}"
+                state_dir = "{state_dir or tmp / 'state'}"
                 {extra_agent}
                 """
             )

@@ -202,6 +202,24 @@ def test_second_agent_on_the_same_socket_is_refused_clearly(tmp_path: Path) -> N
         assert agent.svctl("probe", "ready").returncode == 0  # the first one is untouched
 
 
+def test_two_agents_sharing_a_state_dir_keep_their_notify_sockets_apart(tmp_path: Path) -> None:
+    """root's default state dir is one for all agents; names like api-0-1 repeat in each."""
+    shared = tmp_path / "state"
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    slow = AgentProcess(tmp_path / "a", api_service(free_port(), 1, ("--ready-delay", "3")),
+                        state_dir=shared)
+    slow.start(wait_ready=False)
+    try:
+        # b's worker is ready long before a's sends READY=1 to the socket it was given
+        with AgentProcess(tmp_path / "b", api_service(free_port(), 1), state_dir=shared):
+            wait_for_sync(lambda: slow.svctl("probe", "ready").returncode == 0, 30, "a ready")
+        assert slow.status()["services"][0]["workers"][0]["restarts"] == 0
+    finally:
+        slow.stop()
+    assert not list((shared / "notify").iterdir())  # each agent removed its own directory
+
+
 def test_a_failed_start_leaves_no_agent_running(tmp_path: Path) -> None:
     """tests/agent_proc.py: when readiness never comes, `with` stops the agent itself."""
     agent = AgentProcess(tmp_path, api_service(free_port(), count=1, args=("--never-ready",)))
