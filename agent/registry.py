@@ -1,16 +1,25 @@
 """The agent's etcd registry: one lease session, and a desired-state reconcile of its keys.
 
 Responsibility: make etcd show what this agent runs (SPEC.md "etcd layout"), and nothing
-else: `{prefix}/agents/{agent}` plus one key per live worker (and, optionally, gRPC
+else: `{prefix}/agents/{agent}` plus one key per worker slot (and, optionally, gRPC
 naming keys), all hanging on the agent's one lease, so that a dead host's keys vanish
 within the TTL.
 
 Invariants:
+- A worker's key lives from its start until it stops for good (`desired_keys`): a
+  crash, a failing health check or any other replacement in place rewrites it (state
+  stopping/backoff/starting, `ready` false, the new pid) but never deletes it. A worker
+  that stops for good (`WorkerStatus.leaving`: stop, scale down, removal, the old
+  generation of a reload, shutdown) loses its key as soon as it starts stopping, before
+  it is signalled, so clients stop sending to it first. FATAL slots have no key.
 - One mechanism writes keys: `publish()` records the desired state (the latest
   `ServiceStatus` list); the reconcile loop computes the keys that should exist, diffs
   them against what it last wrote (`_remote`) and applies only the difference, in
   transactions of at most `MAX_TXN_OPS` operations. A failed or timed-out transaction
   marks its keys "unknown", so they are rewritten (or deleted) after the reconnect.
+  Bursts of `publish()` are coalesced, except a snapshot in which a worker's health
+  turns failing: that one is written before anything newer, so the key shows it even
+  when the worker is replaced within milliseconds.
 - Every etcd call has a timeout (`settings.timeout`); `run()` never raises on etcd
   trouble. The registry runs as its own task and never touches workers: an etcd outage
   only flips `state` to "disconnected" (and publishes registry_disconnected).
@@ -30,6 +39,7 @@ module imports nothing from supervisor/ at run time, so svctl can use `EtcdClien
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import ipaddress
@@ -62,7 +72,7 @@ del _sys_path_before
 
 if TYPE_CHECKING:
     from supervisor.events import EventBus
-    from supervisor.status import ServiceStatus
+    from supervisor.status import ServiceStatus, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +101,12 @@ DEFAULT_ETCD_PORT = 2379
 #: of the default route: the host's primary address.
 _PRIMARY_PROBE = ("10.255.255.255", 1)
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "", "*"})
-REGISTERED_STATES = frozenset({"starting", "running"})
+#: States in which a slot that is not leaving keeps its key: a process is there, or one
+#: is about to be (BACKOFF; EXITED between a process's end and its replacement). FATAL
+#: waits a long while: no key until its next try.
+REGISTERED_STATES = frozenset({"starting", "running", "stopping", "backoff", "exited"})
+#: Snapshots kept from coalescing (see Registry.publish), oldest dropped beyond this.
+MAX_KEPT_SNAPSHOTS = 64
 #: Encoded worker values kept (a few per worker: its current and recent states).
 VALUE_CACHE_SIZE = 8192
 
@@ -549,6 +564,26 @@ def agent_value(agent: str, version: str, started_at: float, control: str) -> by
     )
 
 
+def has_key(w: WorkerStatus) -> bool:
+    """Whether worker `w` is registered (SPEC.md: from its start until it stops for good)."""
+    return not w.leaving and w.state in REGISTERED_STATES
+
+
+def worker_key(prefix: str, service: str, agent: str, w: WorkerStatus) -> str:
+    """`{prefix}/services/{service}/{agent}/{index}-{generation}`."""
+    return f"{prefix}/services/{service}/{agent}/{w.index}-{w.generation}"
+
+
+def _failing_slots(services: Sequence[ServiceStatus]) -> frozenset[tuple[str, int, int]]:
+    """(service, index, generation) of every registered worker whose health is failing."""
+    return frozenset(
+        (svc.name, w.index, w.generation)
+        for svc in services
+        for w in svc.workers
+        if w.health == "failing" and has_key(w)
+    )
+
+
 def desired_keys(
     services: Sequence[ServiceStatus],
     *,
@@ -559,8 +594,13 @@ def desired_keys(
 ) -> dict[str, bytes]:
     """Every worker key (and gRPC naming key) that should exist for `services`.
 
-    Only starting and running workers have a key: a stopping worker is deregistered
-    before it is asked to stop, so that clients stop sending to it first.
+    A slot keeps its key through restarts in place (crash, health failure, max_memory,
+    watchdog, ready timeout): while starting, running, stopping to be replaced, or in
+    backoff, with its real state, health, and `ready` false unless running and ready.
+    A slot that is leaving (stopping for good: see `WorkerStatus.leaving`) or FATAL has
+    no key: a worker that stops for good is deregistered as soon as it starts stopping,
+    before it is signalled, so that clients stop sending to it first.
+    gRPC naming keys list only addrs with a worker that is ready and not failing.
     """
     out: dict[str, bytes] = {}
     for svc in services:
@@ -568,9 +608,10 @@ def desired_keys(
         meta = _dumps(dict(svc.meta))
         usable = False
         for w in svc.workers:
-            if w.state not in REGISTERED_STATES:
+            if not has_key(w):
                 continue
-            key = f"{prefix}/services/{svc.name}/{agent}/{w.index}-{w.generation}"
+            key = worker_key(prefix, svc.name, agent, w)
+            ready = w.ready and w.state == "running"
             out[key] = _worker_value(
                 svc.name,
                 agent,
@@ -578,13 +619,13 @@ def desired_keys(
                 addr,
                 w.pid,
                 w.state,
-                w.ready,
+                ready,
                 w.health,
                 w.generation,
                 w.started_at,
                 meta,
             )
-            usable = usable or (w.ready and w.health != "failing")
+            usable = usable or (ready and w.health != "failing")
         if grpc_naming_prefix and addr and usable:
             # workers behind one listen address share it: one naming key per addr
             out[f"{grpc_naming_prefix}{svc.name}/{addr}"] = _dumps(
@@ -681,6 +722,11 @@ class Registry:
 
         self._services: tuple[ServiceStatus, ...] = ()
         self._generation = 0  # bumped by every publish()
+        # snapshots that must be written before anything newer (see publish())
+        self._kept: collections.deque[tuple[int, tuple[ServiceStatus, ...]]] = (
+            collections.deque(maxlen=MAX_KEPT_SNAPSHOTS)
+        )
+        self._failing: frozenset[tuple[str, int, int]] = frozenset()
         self._synced_generation = -1
         self._sync_waiters: list[_SyncWaiter] = []
         self._wake = asyncio.Event()
@@ -716,10 +762,19 @@ class Registry:
     def publish(self, services: Sequence[ServiceStatus]) -> None:
         """Set the desired state (a full snapshot) and wake the reconcile loop.
 
-        Never blocks, never raises; bursts are coalesced.
+        Never blocks, never raises; bursts are coalesced, except that a snapshot in
+        which a worker's health turns failing is written as it is before anything
+        newer: a worker replaced for its failing check stops and restarts within a few
+        milliseconds, and its key must show `"health":"failing"` on the way (SPEC.md:
+        rewritten on every change of health).
         """
-        self._services = tuple(services)
+        snapshot = tuple(services)
+        self._services = snapshot
         self._generation += 1
+        failing = _failing_slots(snapshot)
+        if failing - self._failing:
+            self._kept.append((self._generation, snapshot))
+        self._failing = failing
         self._wake.set()
 
     async def wait_synced(self, within: float) -> bool:
@@ -837,6 +892,8 @@ class Registry:
             interval = max(KEEPALIVE_MIN_INTERVAL, ttl / KEEPALIVES_PER_TTL)
 
     async def _serve(self, client: EtcdClient, backoff: _Backoff) -> None:
+        # after a (re)connect only the present counts: what changed meanwhile is history
+        self._kept.clear()
         await self._register_agent(client)
         backoff.reset()
         self._set_state("connected", f"registered as {self._agent} at {self._endpoint()}")
@@ -869,11 +926,20 @@ class Registry:
         self._clash_reported = False
 
     async def _reconcile(self, client: EtcdClient) -> None:
-        """Apply the difference between the desired keys and what etcd holds."""
-        generation = self._generation
+        """Write the kept snapshots in order, then the latest one."""
+        while self._kept:
+            generation, services = self._kept.popleft()
+            if generation < self._generation:  # else it is the latest: written below
+                await self._apply(client, generation, services)
+        await self._apply(client, self._generation, self._services)
+
+    async def _apply(
+        self, client: EtcdClient, generation: int, services: Sequence[ServiceStatus]
+    ) -> None:
+        """Apply the difference between the keys `services` wants and what etcd holds."""
         assert self._host_address is not None
         desired = desired_keys(
-            self._services,
+            services,
             agent=self._agent,
             prefix=self._prefix,
             host_address=self._host_address,
@@ -898,7 +964,7 @@ class Registry:
                     self._remote.pop(k, None)
                 else:
                     self._remote[k] = v
-        self._synced_generation = generation
+        self._synced_generation = max(self._synced_generation, generation)
         for waiter in self._sync_waiters:
             if waiter.generation <= generation and not waiter.future.done():
                 waiter.future.set_result(None)

@@ -43,6 +43,13 @@ class WorkerStatus:
     metrics: list[dict[str, Any]] = field(default_factory=list)  # user counters/gauges
     num_fds: int = 0
     num_threads: int = 0
+    #: True once the slot is stopping or stopped for good (a stop request: svctl stop,
+    #: scale down, service removed, an old generation retired, agent shutdown; or its
+    #: restart policy let it stay exited). False while a process is replaced in place
+    #: (crash, health failure, max_memory, watchdog, ready timeout) or in backoff: the
+    #: registry keeps a non-leaving slot's key and drops a leaving one's before it stops.
+    #: Internal (not in the gRPC status).
+    leaving: bool = False
 
 
 @dataclass(frozen=True)

@@ -326,7 +326,17 @@ class Worker:
             metrics=list(stats.metrics),
             num_fds=stats.num_fds if alive else 0,
             num_threads=stats.num_threads if alive else 0,
+            leaving=self.leaving,
         )
+
+    @property
+    def leaving(self) -> bool:
+        """True once the slot stops for good: a stop was requested (stop(): svctl stop,
+        scale down, removal, an old generation retired, shutdown), or supervision ended
+        (the restart policy let it stay exited). A process being replaced (crash,
+        health, memory, watchdog, ready timeout) or a slot in BACKOFF/FATAL is not leaving.
+        """
+        return self._stop_requested or not self.supervising
 
     # ------------------------------------------------------------ state machine
 
@@ -586,7 +596,8 @@ class Worker:
         self._stop_monitor(proc)
         spec = self.spec
         if was_ready and spec.deregister_delay > 0:
-            # the registry drops the worker on STOPPING; let clients notice before it goes
+            # on STOPPING the registry shows the worker not ready (drops its key when it
+            # is leaving for good); let clients notice before it goes
             await asyncio.wait([proc.exited], timeout=spec.deregister_delay)
         if not proc.exited.done():
             signal_group(proc.pid, _signal_number(spec.stop_signal))

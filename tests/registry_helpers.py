@@ -19,6 +19,7 @@ from tests.waiting import wait_for
 T = TypeVar("T")
 
 CALL_TIMEOUT = 1.0
+WATCH_CREATE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,14 @@ def worker(
     ready: bool = True,
     health: str = "passing",
     generation: int = 1,
-    pid: int = 0,
+    pid: int | None = None,
+    leaving: bool = False,
 ) -> WorkerStatus:
+    """A synthetic worker status; `leaving` = stopping (or stopped) for good."""
     return WorkerStatus(
         worker=f"{service}:{index}",
         index=index,
-        pid=pid or 1000 + index,
+        pid=1000 + index if pid is None else pid,
         generation=generation,
         state=state,
         ready=ready,
@@ -65,6 +68,7 @@ def worker(
         requests=0,
         qps=0.0,
         started_at=1700000000.0 + index,
+        leaving=leaving,
     )
 
 
@@ -150,6 +154,47 @@ async def running(
         yield reg
     finally:
         await reg.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """One change of a key seen by a watch: a put (with its decoded value) or a delete."""
+
+    kind: str  # "put" | "delete"
+    key: str
+    value: dict[str, Any] | None  # None for a delete
+
+
+@contextlib.asynccontextmanager
+async def watching(client: EtcdClient, prefix: str) -> AsyncIterator[list[KeyChange]]:
+    """Every change under `prefix`, in order, appended to the yielded list from the
+    moment etcd confirmed the watch (so nothing after the `async with` is missed)."""
+    changes: list[KeyChange] = []
+    created = asyncio.get_running_loop().create_future()
+
+    async def follow() -> None:
+        async for batch in client.watch_prefix(prefix, 0):
+            if batch.restart:
+                raise AssertionError("the test's watch was cancelled by etcd")
+            if batch.created and not created.done():
+                created.set_result(None)
+            for kind, kv in batch.events:
+                value = json.loads(kv.value) if kind == "put" else None
+                changes.append(KeyChange(kind, kv.key, value))
+
+    task = asyncio.create_task(follow(), name=f"watch {prefix}")
+    try:
+        await asyncio.wait({task, created}, timeout=WATCH_CREATE_TIMEOUT,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # the watch failed: say why
+        if not created.done():
+            raise TimeoutError(f"etcd did not confirm the watch of {prefix}")
+        yield changes
+    finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

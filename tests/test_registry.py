@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from agent.config import RegistrySettings
+from agent.discovery import Endpoint, EtcdAccess, discover
 from agent.registry import (
     CHANNEL_OPTIONS,
     MAX_TXN_OPS,
@@ -20,6 +22,7 @@ from agent.registry import (
 from supervisor.events import EventBus
 from tests.etcd_fixture import EtcdServer
 from tests.registry_helpers import (
+    KeyChange,
     Settings,
     event_types,
     events_of,
@@ -27,6 +30,7 @@ from tests.registry_helpers import (
     reader,
     running,
     service,
+    watching,
     with_worker,
     worker,
 )
@@ -70,19 +74,59 @@ def test_addr_specific_host_and_advertise() -> None:
     assert service_addr(service("a", [], listen=("unix:///run/a.sock",)), "h") == ""
 
 
-def test_desired_keys_only_live_workers() -> None:
+def _values(keys: dict[str, bytes]) -> dict[str, dict[str, object]]:
+    return {k.rsplit("/", 1)[1]: json.loads(v) for k, v in keys.items()}
+
+
+def test_desired_keys_follow_a_slot_until_it_stops_for_good() -> None:
     svc = service(
         "api",
         [
             worker("api", 0),
             worker("api", 1, state="starting", ready=False, health="unknown"),
-            worker("api", 2, state="stopping"),
-            worker("api", 3, state="exited", ready=False),
-            worker("api", 4, state="backoff", ready=False),
+            # replaced in place (health failure): still registered, not ready
+            worker("api", 2, state="stopping", health="failing"),
+            worker("api", 3, state="backoff", ready=False, pid=0),
+            # between a process's end and its replacement (a preload fork, say)
+            worker("api", 4, state="exited", ready=False, pid=0),
+            # stopping, or stopped, for good: no key
+            worker("api", 5, state="stopping", leaving=True),
+            worker("api", 6, state="exited", ready=False, pid=0, leaving=True),
+            worker("api", 7, state="fatal", ready=False, pid=0),
         ],
     )
     keys = desired_keys([svc], agent="web-1", prefix="/svcd", host_address="10.0.0.1")
-    assert sorted(keys) == ["/svcd/services/api/web-1/0-1", "/svcd/services/api/web-1/1-1"]
+    values = _values(keys)
+    assert sorted(values) == ["0-1", "1-1", "2-1", "3-1", "4-1"]
+    seen = {k: (v["state"], v["ready"], v["health"], v["pid"]) for k, v in values.items()}
+    assert seen == {
+        "0-1": ("running", True, "passing", 1000),
+        "1-1": ("starting", False, "unknown", 1001),
+        "2-1": ("stopping", False, "failing", 1002),  # ready only while running
+        "3-1": ("backoff", False, "passing", 0),
+        "4-1": ("exited", False, "passing", 0),
+    }
+
+
+def test_a_failing_or_restarting_worker_makes_no_addr_usable() -> None:
+    restarting = service(
+        "api",
+        [
+            worker("api", 0, health="failing"),
+            worker("api", 1, state="stopping"),
+            worker("api", 2, state="backoff", ready=False),
+            worker("api", 3, state="starting", ready=False),
+        ],
+    )
+    keys = desired_keys(
+        [restarting],
+        agent="web-1",
+        prefix="/svcd",
+        host_address="10.0.0.1",
+        grpc_naming_prefix="/grpc/",
+    )
+    assert len(keys) == 4
+    assert not [k for k in keys if k.startswith("/grpc/")]
 
 
 def test_grpc_naming_one_key_per_addr_for_usable_endpoints() -> None:
@@ -171,18 +215,80 @@ async def test_health_change_rewrites_value(etcd: EtcdServer) -> None:
         await eventually(lambda: field_is("ready", False), what="ready false")
 
 
-async def test_stopping_worker_deregistered_and_service_removed(etcd: EtcdServer) -> None:
+async def test_worker_stopping_for_good_deregistered_and_service_removed(
+    etcd: EtcdServer,
+) -> None:
     api = service("api", [worker("api", 0), worker("api", 1)])
     async with running(Settings((etcd.endpoint,))) as reg, reader(etcd.endpoint) as r:
         reg.publish([api])
         await eventually(lambda: r.at_least("/svcd/services/", 2), what="2 workers")
+        # stopping to be replaced: the key stays, not ready
         reg.publish([with_worker(api, 1, state="stopping")])
+        assert await reg.wait_synced(5)
+        value = await r.value("/svcd/services/api/web-1/1-1")
+        assert value is not None and (value["state"], value["ready"]) == ("stopping", False)
+        # stopping for good: deregistered while it drains
+        reg.publish([with_worker(api, 1, state="stopping", leaving=True)])
         assert await reg.wait_synced(5)
         assert list(await r.keys("/svcd/services/")) == ["/svcd/services/api/web-1/0-1"]
         reg.publish([])
         assert await reg.wait_synced(5)
         assert await r.keys("/svcd/services/") == {}
         assert "/svcd/agents/web-1" in await r.keys("/svcd/agents/")
+
+
+async def test_health_failing_is_written_even_when_restarted_at_once(
+    etcd: EtcdServer,
+) -> None:
+    """A worker replaced for a failing check goes failing -> stopping -> a new process
+    within milliseconds: the burst is coalesced, but the key shows failing on the way,
+    and is rewritten, never deleted."""
+    key = "/svcd/services/api/web-1/0-1"
+    api = service("api", [worker("api", 0)])
+    async with running(Settings((etcd.endpoint,))) as reg, reader(etcd.endpoint) as r:
+        reg.publish([api])
+        assert await reg.wait_synced(10)
+        async with watching(r.client, key) as changes:
+            # one burst, no await in between (as the agent's feed may deliver it)
+            reg.publish([with_worker(api, 0, health="failing")])
+            reg.publish([with_worker(api, 0, state="stopping", health="failing")])
+            reg.publish([with_worker(api, 0, state="backoff", ready=False, pid=0)])
+            restarted = with_worker(
+                api, 0, state="starting", ready=False, health="unknown", pid=2000
+            )
+            reg.publish([restarted])
+            assert await reg.wait_synced(10)
+            await wait_for(lambda: _last_pid(changes) == 2000, what="the new pid in the watch")
+        assert all(c.kind == "put" for c in changes)
+        healths = [c.value["health"] for c in changes if c.value is not None]
+        assert "failing" in healths
+        assert healths[-1] == "unknown"
+
+
+def _last_pid(changes: list[KeyChange]) -> object:
+    value = changes[-1].value if changes else None
+    return value["pid"] if value is not None else None
+
+
+async def test_discovery_ignores_stopping_and_restarting_workers(etcd: EtcdServer) -> None:
+    access = EtcdAccess((etcd.endpoint,))
+    api = service(
+        "api",
+        [
+            worker("api", 0, state="stopping"),
+            worker("api", 1, state="backoff", ready=False, pid=0),
+            worker("api", 2, state="starting", ready=False, health="unknown"),
+        ],
+        advertise="10.0.0.1:8080",
+    )
+    async with running(Settings((etcd.endpoint,))) as reg, reader(etcd.endpoint) as r:
+        reg.publish([api])
+        assert await reg.wait_synced(10)
+        assert len(await r.keys("/svcd/services/")) == 3
+        assert await discover(access, "api") == []
+        reg.publish([with_worker(api, 2, state="running", ready=True, health="passing")])
+        assert await reg.wait_synced(10)
+        assert await discover(access, "api") == [Endpoint("10.0.0.1:8080", "web-1", 1, "passing")]
 
 
 async def test_rolling_generation_gets_its_own_key(etcd: EtcdServer) -> None:
