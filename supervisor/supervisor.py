@@ -9,10 +9,10 @@ Invariants:
 - A worker that misbehaves never takes the agent down: worker supervision contains its
   own errors (see worker.py), and the actions here only raise SupervisorError
   subclasses on purpose (ListenerError, ReloadFailed, UnknownService).
-- Each Supervisor keeps its workers' notify sockets in a directory of its own, made
-  under the given `notify_dir`: several agents may share one state dir (root's default
-  is the same for all of them) and socket names restart in every agent. Directories
-  left by agents that are no longer running are removed at start.
+- Each Supervisor keeps its workers' notify sockets in a directory of its own,
+  `notify_dir/<pid>` (one Supervisor per notify_dir in a process): several agents may
+  share one state dir (root's default is the same for all of them) and socket names
+  restart in every agent. Directories of agents no longer running are removed at start.
 - `close()` stops every service in parallel, each worker bounded by its
   graceful_timeout, and closes every listener; the reaper stays until `close_reaper()`
   because other parts of the agent (an embedded etcd, exec health checks) still wait
@@ -78,7 +78,11 @@ class Supervisor:
             parent.mkdir(parents=True, exist_ok=True)
             os.chmod(parent, NOTIFY_DIR_MODE)
             _remove_stale_run_dirs(parent)
-            self._notify_dir = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}.", dir=parent))
+            # the pid alone: a socket path has at most 107 bytes to live in. A directory
+            # of this pid left by an earlier life (pid 1 in a container) is reused: the
+            # endpoints replace a leftover socket of the same name.
+            self._notify_dir = parent / str(os.getpid())
+            self._notify_dir.mkdir(exist_ok=True)
         self._own_notify_dir = True
         os.chmod(self._notify_dir, NOTIFY_DIR_MODE)
         if self.log_dir is not None:
@@ -163,11 +167,11 @@ class Supervisor:
 
 
 def _remove_stale_run_dirs(parent: Path) -> None:
-    """Remove what agents no longer running left in `parent`: their `<pid>.<random>`
-    directories, and socket files of the layout before per-agent directories."""
+    """Remove what agents no longer running left in `parent`: their `<pid>` directories,
+    and socket files of the layout before per-agent directories."""
     with contextlib.suppress(OSError):
         for entry in parent.iterdir():
-            pid = entry.name.partition(".")[0]
+            pid = entry.name
             if entry.is_dir() and pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(entry, ignore_errors=True)
             elif entry.suffix == ".notify" and not entry.is_dir():
