@@ -206,8 +206,8 @@ class AgentServicer:
         self, request: pb.ServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ActionResponse:
         async with _mapped_errors(context):
-            await self._core.start(request.service)
-            return pb.ActionResponse(message=f"{request.service}: started")
+            message = await self._core.start(request.service, wait=not request.no_wait)
+            return pb.ActionResponse(message=message)
         raise AssertionError("unreachable")
 
     async def Stop(
@@ -222,8 +222,8 @@ class AgentServicer:
         self, request: pb.ServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ActionResponse:
         async with _mapped_errors(context):
-            await self._core.restart(request.service)
-            return pb.ActionResponse(message=f"{request.service}: restarted")
+            message = await self._core.restart(request.service, wait=not request.no_wait)
+            return pb.ActionResponse(message=message)
         raise AssertionError("unreachable")
 
     async def Scale(

@@ -271,7 +271,8 @@ def _action(method: str) -> Callable[[Client, argparse.Namespace], int]:
     def run(client: Client, args: argparse.Namespace) -> int:
         from agent._pb import agent_pb2 as pb
 
-        response = client.call(method, pb.ServiceRequest(service=args.service), pb.ActionResponse)
+        request = pb.ServiceRequest(service=args.service, no_wait=getattr(args, "no_wait", False))
+        response = client.call(method, request, pb.ActionResponse)
         _say(args, {"ok": True, "message": response.message}, response.message)
         return EXIT_OK
 
@@ -474,11 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_non_negative_int, default=0,
                    help="with --watch: stop after N refreshes (0: until interrupted)")
     for name, helptext in (
-        ("start", "start every worker of a service"),
+        ("start", "start every worker of a service and wait until it is ready"),
         ("stop", "stop every worker of a service (graceful)"),
         ("restart", "stop every worker of a service, then start (a capacity gap)"),
     ):
-        command(name, helptext).add_argument("service")
+        p = command(name, helptext)
+        p.add_argument("service")
+        if name != "stop":
+            p.add_argument("--no-wait", action="store_true",
+                           help="return once the workers are spawned, not once ready")
     p = command("reload", "rolling reload of a service, or (no service) apply the config file")
     p.add_argument("service", nargs="?")
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")

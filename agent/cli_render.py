@@ -35,10 +35,10 @@ HEALTH_STYLES = {"passing": "green", "failing": "bold red", "unknown": "dim"}
 REGISTRY_STYLES = {"connected": "green", "disconnected": "bold red"}
 COLUMNS = (
     "worker", "pid", "state", "health", "restarts", "uptime", "memory", "cpu",
-    "conns", "requests", "qps", "send_fail", "timers",
+    "connections", "requests", "qps", "send_fail", "timers",
 )
 RIGHT_ALIGNED = frozenset(
-    {"pid", "restarts", "uptime", "memory", "cpu", "conns", "requests", "qps",
+    {"pid", "restarts", "uptime", "memory", "cpu", "connections", "requests", "qps",
      "send_fail", "timers"}
 )
 KIB = 1024.0

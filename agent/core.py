@@ -51,6 +51,9 @@ log = logging.getLogger("svcd")
 
 #: How many applied configs the agent keeps for `svctl reload --previous`.
 HISTORY_KEEP = 10
+#: `svctl start/restart` wait up to a service's ready_timeout plus this: a worker that
+#: crashes at once goes through its backoff to fatal in a few seconds.
+START_WAIT_MARGIN = 10.0
 #: The loop counts as unresponsive (liveness fails) when a tick is this late.
 LIVENESS_MAX_LAG = 5.0
 #: How often the loop-lag monitor ticks.
@@ -237,9 +240,16 @@ class AgentCore:
         )
 
     def probe(self, kind: Literal["live", "ready"], service: str | None = None) -> tuple[bool, str]:
-        """Answer `svctl probe`: (ok, reason)."""
+        """Answer `svctl probe`: (ok, reason). Raises UnknownService for a SERVICE not
+        configured, live or ready: `live SERVICE` is the agent's liveness, and no for
+        a service that has given up (fatal)."""
         if kind == "live":
-            return (True, "loop responsive") if self.is_live() else (False, "loop stalled")
+            if not self.is_live():
+                return False, "loop stalled"
+            given_up = [s for s in self.status(service).services if service and s.state == "fatal"]
+            if given_up:
+                return False, f"{service}: fatal (gave up restarting)"
+            return True, "loop responsive"
         if self.shutting_down:
             return False, "agent is shutting down"
         statuses = self.status(service).services
@@ -294,14 +304,52 @@ class AgentCore:
 
     # ----------------------------------------------------------------- actions
 
-    async def start(self, service: str) -> None:
+    async def start(self, service: str, *, wait: bool = True) -> str:
+        """Start a stopped service; with `wait`, until it is ready (see `_until_ready`)."""
         await self._service(service).start()
+        return await self._until_ready(service, "started") if wait else f"{service}: starting"
 
     async def stop(self, service: str) -> None:
         await self._service(service).stop()
 
-    async def restart(self, service: str) -> None:
+    async def restart(self, service: str, *, wait: bool = True) -> str:
+        """Stop every worker, then start them; with `wait`, until the service is ready."""
         await self._service(service).restart()
+        return await self._until_ready(service, "restarted") if wait else f"{service}: starting"
+
+    async def _until_ready(self, service: str, done: str) -> str:
+        """Wait until `service` is ready, like `systemctl start` of a notify unit.
+
+        Raises ActionFailed when one of its workers gives up (a `fatal` event after the
+        start: a slot that was FATAL before is retried, not judged by its old state),
+        when it is stopped meanwhile, or when it is not ready within its ready_timeout
+        plus the time a backoff takes. Readiness only changes with an event, so it is
+        re-checked after each one.
+        """
+        bound = self._applied.services[service].ready_timeout + START_WAIT_MARGIN
+        sub = self.events.subscribe()
+        try:
+            async with asyncio.timeout(bound):
+                status = self._service(service).status()
+                while not self.service_ready(status):
+                    if status.state == ServiceState.STOPPED:
+                        raise ActionFailed(f"{service}: stopped while starting")
+                    event = await sub.get()
+                    status = self._service(service).status()
+                    if event.type == "fatal" and event.service == service:
+                        raise ActionFailed(
+                            f"{service}: gave up (fatal), {status.ready}/{status.desired} "
+                            f"ready" + _last_exit(status)
+                        )
+                return f"{service}: {done} ({status.ready}/{status.desired} ready)"
+        except TimeoutError:
+            status = self._service(service).status()
+            raise ActionFailed(
+                f"{service}: not ready within {bound:g}s, {status.ready}/"
+                f"{status.required_ready} ready ({status.state})" + _last_exit(status)
+            ) from None
+        finally:
+            sub.close()
 
     async def scale(self, service: str, count: int) -> None:
         if not 0 <= count <= MAX_WORKERS:  # the config's bound: no fork bomb by svctl
@@ -328,6 +376,9 @@ class AgentCore:
         """
         if service is not None and not previous:
             svc = self._service(service)
+            if svc.status().state == ServiceState.STOPPED:
+                # like `systemctl reload` of an inactive unit: nothing runs to be renewed
+                raise ActionFailed(f"{service} is stopped: nothing to reload (start it)")
             if dry_run:
                 return ReloadOutcome(True, "dry run", [f"~ {service}: rolling reload (requested)"])
             job = self._reload_one(svc.name, progress)
@@ -484,6 +535,14 @@ class AgentCore:
             except ConfigError:
                 continue
             return
+
+
+def _last_exit(status: ServiceStatus) -> str:
+    """`; last exit: <how>` of a worker that ended, for a failed start's message."""
+    for w in status.workers:
+        if w.last_exit_reason or w.last_exit:
+            return f"; last exit: {w.last_exit_reason or w.last_exit}"
+    return ""
 
 
 def _log_background_failure(task: asyncio.Future[ReloadOutcome]) -> None:

@@ -308,7 +308,7 @@ async def test_status_table(agent: Agent) -> None:
     assert code == 0, err
     header = next(line for line in out.splitlines() if line.split()[:2] == ["worker", "pid"])
     for column in ("worker", "pid", "state", "health", "restarts", "uptime", "memory", "cpu",
-                   "conns", "requests", "qps", "send_fail", "timers"):
+                   "connections", "requests", "qps", "send_fail", "timers"):
         assert column in header, (column, header)
     assert "svcd test-agent" in out
     assert out.count("api:0") == 1 and out.count("api:1") == 1
@@ -339,9 +339,10 @@ async def test_actions_and_their_exit_codes(agent: Agent) -> None:
     assert await agent.run("stop", "api") == (0, "api: stopped\n", "")
     assert (await agent.status())["services"][0]["state"] == "stopped"
     assert (await agent.run("probe", "ready", "api"))[0] == 1
-    assert await agent.run("start", "api") == (0, "api: started\n", "")
+    assert await agent.run("start", "api") == (0, "api: started (2/2 ready)\n", "")
+    assert (await agent.run("probe", "ready", "api"))[0] == 0  # start waited for it
     code, out, _ = await agent.run("restart", "api", "--json")
-    assert code == 0 and json.loads(out) == {"ok": True, "message": "api: restarted"}
+    assert code == 0 and json.loads(out) == {"ok": True, "message": "api: restarted (2/2 ready)"}
     for command in ("start", "stop", "restart"):
         code, out, err = await agent.run(command, "nope")
         assert (code, out) == (2, ""), command

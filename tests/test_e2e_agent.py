@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.agent_proc import ROOT, AgentProcess, api_service
+from tests.agent_proc import ROOT, AgentProcess, api_service, worker_command
 from tests.conftest import free_port
 from tests.waiting import wait_for_sync
 
@@ -111,16 +111,45 @@ def test_agent_sigkill_leaves_no_worker_behind(tmp_path: Path) -> None:
 
 def test_svctl_exit_codes(tmp_path: Path) -> None:
     port = free_port()
-    with AgentProcess(tmp_path, api_service(port, count=1)) as agent:
+    dead = f"""
+[services.dead]
+command = {worker_command("--exit-code", "3")}
+[services.dead.backoff]
+first_delay = 0.05
+max = 0.2
+start_limit = 3
+"""
+    agent = AgentProcess(tmp_path, api_service(port, count=1) + dead)
+    agent.start(wait_ready=False)  # `dead` never is
+    try:
+        wait_for_sync(lambda: agent.svctl("probe", "ready", "api").returncode == 0, 30, "api")
         assert agent.svctl("status", "nope").returncode == 2
         assert agent.svctl("stop", "nope").returncode == 2
         assert agent.svctl("probe", "live").returncode == 0
+        assert agent.svctl("probe", "live", "api").returncode == 0
+        assert agent.svctl("probe", "live", "nope").returncode == 2
         assert agent.svctl("stop", "api").returncode == 0
         assert agent.svctl("probe", "ready", "api").returncode == 1
         stopped = agent.status()["services"][0]
         assert stopped["state"] == "stopped"
-        assert agent.svctl("start", "api").returncode == 0
-        wait_for_sync(lambda: agent.svctl("probe", "ready", "api").returncode == 0, 15, "ready")
+        assert agent.svctl("reload", "api").returncode == 1  # nothing runs to reload
+        # start waits for readiness, like `systemctl start` of a notify unit
+        started = agent.svctl("start", "api")
+        assert started.returncode == 0 and "1/1 ready" in started.stdout, started
+        assert agent.svctl("probe", "ready", "api").returncode == 0
+        restarted = agent.svctl("restart", "api")
+        assert restarted.returncode == 0 and "1/1 ready" in restarted.stdout, restarted
+        assert agent.svctl("probe", "ready", "api").returncode == 0
+
+        # a service that gives up: live no, and start reports the failure (exit 1)
+        wait_for_sync(lambda: agent.svctl("probe", "live", "dead").returncode == 1, 30, "fatal")
+        failed = agent.svctl("start", "dead")
+        assert failed.returncode == 1 and "gave up (fatal)" in failed.stderr, failed
+        assert "code 3" in failed.stderr, failed
+        assert agent.svctl("restart", "dead").returncode == 1
+        assert agent.svctl("restart", "dead", "--no-wait").returncode == 0
+    finally:
+        agent.stop()
     unreachable = subprocess.run(
         [sys.executable, "-m", "agent.cli", "--socket", str(tmp_path / "none.sock"), "status"],
         capture_output=True,

@@ -156,10 +156,12 @@ class StatusResponse(_message.Message):
     def __init__(self, agent: _Optional[_Union[AgentInfo, _Mapping]] = ..., services: _Optional[_Iterable[_Union[ServiceStatus, _Mapping]]] = ...) -> None: ...
 
 class ServiceRequest(_message.Message):
-    __slots__ = ("service",)
+    __slots__ = ("service", "no_wait")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
+    NO_WAIT_FIELD_NUMBER: _ClassVar[int]
     service: str
-    def __init__(self, service: _Optional[str] = ...) -> None: ...
+    no_wait: bool
+    def __init__(self, service: _Optional[str] = ..., no_wait: _Optional[bool] = ...) -> None: ...
 
 class ActionResponse(_message.Message):
     __slots__ = ("message",)

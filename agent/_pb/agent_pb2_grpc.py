@@ -97,7 +97,8 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Start(self, request, context):
-        """Start every worker of a stopped service.
+        """Start every worker of a stopped service; waits until the service is ready (ABORTED
+        when it gives up, is stopped meanwhile or is not ready within its ready_timeout).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +112,8 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Restart(self, request, context):
-        """Stop every worker, then start them again (a capacity gap, like systemctl restart).
+        """Stop every worker, then start them again (a capacity gap, like systemctl restart);
+        waits for readiness like Start.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
