@@ -17,9 +17,10 @@ Invariants:
   them against what it last wrote (`_remote`) and applies only the difference, in
   transactions of at most `MAX_TXN_OPS` operations. A failed or timed-out transaction
   marks its keys "unknown", so they are rewritten (or deleted) after the reconnect.
-  Bursts of `publish()` are coalesced, except a snapshot in which a worker's health
-  turns failing: that one is written before anything newer, so the key shows it even
-  when the worker is replaced within milliseconds.
+  Bursts of `publish()` are coalesced, except a snapshot in which a registered worker
+  leaves rotation (health turns failing, or ready turns false): that one is written
+  before anything newer, so the key shows it even when the worker is replaced within
+  milliseconds.
 - Every etcd call has a timeout (`settings.timeout`); `run()` never raises on etcd
   trouble. The registry runs as its own task and never touches workers: an etcd outage
   only flips `state` to "disconnected" (and publishes registry_disconnected).
@@ -574,14 +575,32 @@ def worker_key(prefix: str, service: str, agent: str, w: WorkerStatus) -> str:
     return f"{prefix}/services/{service}/{agent}/{w.index}-{w.generation}"
 
 
-def _failing_slots(services: Sequence[ServiceStatus]) -> frozenset[tuple[str, int, int]]:
-    """(service, index, generation) of every registered worker whose health is failing."""
-    return frozenset(
-        (svc.name, w.index, w.generation)
+#: A registered worker slot: (service, index, generation).
+_Slot = tuple[str, int, int]
+
+
+def _rotation(services: Sequence[ServiceStatus]) -> dict[_Slot, tuple[bool, bool]]:
+    """(ready as the key shows it, health failing) of every registered worker."""
+    return {
+        (svc.name, w.index, w.generation): (
+            w.ready and w.state == "running",
+            w.health == "failing",
+        )
         for svc in services
         for w in svc.workers
-        if w.health == "failing" and has_key(w)
-    )
+        if has_key(w)
+    }
+
+
+def _left_rotation(
+    before: Mapping[_Slot, tuple[bool, bool]], after: Mapping[_Slot, tuple[bool, bool]]
+) -> bool:
+    """Whether a worker registered in both turned not ready, or its health failing."""
+    for slot, (ready, failing) in after.items():
+        old = before.get(slot)
+        if old is not None and ((old[0] and not ready) or (failing and not old[1])):
+            return True
+    return False
 
 
 def desired_keys(
@@ -726,7 +745,7 @@ class Registry:
         self._kept: collections.deque[tuple[int, tuple[ServiceStatus, ...]]] = (
             collections.deque(maxlen=MAX_KEPT_SNAPSHOTS)
         )
-        self._failing: frozenset[tuple[str, int, int]] = frozenset()
+        self._rotation: dict[_Slot, tuple[bool, bool]] = {}
         self._synced_generation = -1
         self._sync_waiters: list[_SyncWaiter] = []
         self._wake = asyncio.Event()
@@ -763,18 +782,19 @@ class Registry:
         """Set the desired state (a full snapshot) and wake the reconcile loop.
 
         Never blocks, never raises; bursts are coalesced, except that a snapshot in
-        which a worker's health turns failing is written as it is before anything
-        newer: a worker replaced for its failing check stops and restarts within a few
-        milliseconds, and its key must show `"health":"failing"` on the way (SPEC.md:
-        rewritten on every change of health).
+        which a registered worker leaves rotation (its health turns failing, or it turns
+        not ready: stopping to be replaced, unready) is written as it is before anything
+        newer. A worker replaced for its failing check stops and restarts within a few
+        milliseconds; its key must show `"health":"failing"`, then stopping, on the way
+        (SPEC.md: rewritten on every change of state/ready/health).
         """
         snapshot = tuple(services)
         self._services = snapshot
         self._generation += 1
-        failing = _failing_slots(snapshot)
-        if failing - self._failing:
+        rotation = _rotation(snapshot)
+        if _left_rotation(self._rotation, rotation):
             self._kept.append((self._generation, snapshot))
-        self._failing = failing
+        self._rotation = rotation
         self._wake.set()
 
     async def wait_synced(self, within: float) -> bool:
