@@ -15,17 +15,17 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Event types (the `type` field). Workers: started, ready, unready, exited, restarted,
-#: backoff, fatal, unhealthy, healthy, stopping, stopped, oom (max_memory). Services and
-#: agent: reload_started, reloaded, reload_failed (rolled back), scaled, config_applied,
-#: config_rejected, registry_connected, registry_disconnected.
+#: Event types (the `type` field). Workers: started (every spawn; `restart` true after
+#: the slot's first process), ready, unready, exited, backoff, fatal, unhealthy,
+#: healthy, stopping, stopped, oom (max_memory). Services and agent: reload_started,
+#: reloaded, reload_failed (rolled back), scaled, config_applied, config_rejected,
+#: registry_connected, registry_disconnected.
 EVENT_TYPES: frozenset[str] = frozenset(
     {
         "started",
         "ready",
         "unready",
         "exited",
-        "restarted",
         "backoff",
         "fatal",
         "unhealthy",

@@ -33,6 +33,8 @@ MAX_UNCLAIMED = 4096
 MAX_REAPS_PER_TICK = 1000
 
 PR_SET_CHILD_SUBREAPER = 36
+#: Deaths by these signals count as a clean end, as systemd's Restart=on-failure has it.
+CLEAN_SIGNALS = frozenset({signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE})
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ class ExitStatus:
     @property
     def success(self) -> bool:
         return self.code == 0
+
+    @property
+    def clean(self) -> bool:
+        """Exit code 0, or killed by one of systemd's "clean" signals (SIGHUP, SIGINT,
+        SIGTERM, SIGPIPE): what `restart = on-failure` does not restart."""
+        return self.success or self.signal in CLEAN_SIGNALS
 
     @property
     def signal_name(self) -> str:

@@ -22,7 +22,8 @@ Invariants:
   WATCHDOG_USEC when the service has a watchdog.
 
 Restart decisions: exit code 78 (EX_CONFIG) -> FATAL at once; `restart = never` -> stays
-EXITED; `on-failure` -> stays EXITED after exit code 0; otherwise `Backoff` decides
+EXITED; `on-failure` -> stays EXITED after a clean end (exit code 0, or SIGHUP, SIGINT,
+SIGTERM, SIGPIPE as with systemd); otherwise `Backoff` decides
 (BACKOFF, or FATAL with a slow retry). A replacement the agent asked for (health
 failure with on_failure=restart, missed watchdog, max_memory, not ready within
 ready_timeout) restarts whatever the policy, paced by the same Backoff.
@@ -544,12 +545,14 @@ class Worker:
         first = self.exits == 0
         if not first:
             self.restarts += 1
-        # EXITED/BACKOFF/FATAL -> STARTING: spawned
+        # EXITED/BACKOFF/FATAL -> STARTING: spawned. Every spawn is a `started` event
+        # (SPEC's lifecycle events); `restart` tells a slot's later processes apart.
         self._set_state(
             WorkerState.STARTING,
-            "started" if first else "restarted",
-            message=f"spawned {' '.join(spec.command)}",
+            "started",
+            message=f"spawned {' '.join(spec.command)}" + ("" if first else " (restart)"),
             restarts=self.restarts,
+            restart=not first,
         )
         if self._judged_by_health():
             self._start_monitor(proc)
@@ -671,7 +674,7 @@ class Worker:
         if status is not None and status.code == EX_CONFIG:
             return self._backoff.give_up(f"exit code {EX_CONFIG} (EX_CONFIG): configuration error")
         policy = self.spec.restart
-        if policy == "never" or (policy == "on-failure" and status is not None and status.success):
+        if policy == "never" or (policy == "on-failure" and status is not None and status.clean):
             return None
         return self._backoff.after_exit()
 
@@ -738,6 +741,11 @@ class Worker:
 
     def _state_forced_exit(self) -> None:
         with contextlib.suppress(Exception):
+            if self._state in (WorkerState.BACKOFF, WorkerState.FATAL):
+                # no process: its `exited` was told when it ended; `stopped` tells the rest
+                check_transition(self._state, WorkerState.EXITED)
+                self._state = WorkerState.EXITED
+                return
             self._set_state(WorkerState.EXITED, "exited", message="stopped")
 
     # ------------------------------------------------------------ per process

@@ -255,7 +255,7 @@ def test_status_json_and_table_of_a_running_agent(tmp_path: Path) -> None:
         header = next(line for line in lines if line.split()[:2] == ["worker", "pid"])
         columns = header.split()
         for column in ("worker", "pid", "state", "health", "restarts", "uptime", "memory",
-                       "cpu", "conns", "requests", "qps", "send_fail", "timers"):
+                       "cpu", "connections", "requests", "qps", "send_fail", "timers"):
             assert column in columns, (column, header)
         for name, w in by_name.items():
             row = next(line.split() for line in lines if line.split()[:1] == [name])
@@ -319,9 +319,10 @@ def test_events_across_a_kill_and_a_reload_are_in_order(tmp_path: Path) -> None:
     kinds = [e["type"] for e in after]
     if kinds[0] == "backoff":
         kinds.pop(0)
-    assert kinds[:2] == ["restarted", "ready"], kinds
-    replacement = next(e for e in after if e["type"] == "restarted")
+    assert kinds[:2] == ["started", "ready"], kinds
+    replacement = next(e for e in after if e["type"] == "started")
     assert replacement["pid"] != victim and replacement["restarts"] == 1
+    assert replacement["restart"] is True
 
     # the reload
     (start,) = positions(evts, lambda e: e["type"] == "reload_started")
@@ -336,7 +337,7 @@ def test_events_across_a_kill_and_a_reload_are_in_order(tmp_path: Path) -> None:
         old_exit = positions(during, lambda e, s=slot: e["worker"] == s  # type: ignore[misc]
                              and e["type"] == "exited" and e["generation"] == old_gen)
         new_start = positions(during, lambda e, s=slot: e["worker"] == s  # type: ignore[misc]
-                              and e["type"] in ("started", "restarted")
+                              and e["type"] == "started"
                               and e["generation"] == new_gen)
         assert len(new_start) == len(new_ready) == len(old_exit) == 1, (slot, during)
         assert new_start[0] < new_ready[0] < old_exit[0], (slot, during)

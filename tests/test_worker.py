@@ -55,7 +55,8 @@ async def test_crash_restarts_with_new_pid(tmp_path: Path) -> None:
         assert (await http_get(port_of(spec)))[1] == str(worker.pid)
         exited = events_of(sup.events, "exited", "web:0")
         assert exited[0].pid == first and exited[0].fields["signal"] == "SIGKILL"
-        assert events_of(sup.events, "restarted", "web:0")[0].pid == worker.pid
+        again = [e for e in events_of(sup.events, "started", "web:0") if e.fields["restart"]]
+        assert again[0].pid == worker.pid
         assert worker.status().last_exit == "signal SIGKILL"
 
 
@@ -109,6 +110,10 @@ async def test_exit_78_is_fatal_at_once(tmp_path: Path) -> None:
         assert worker.restarts == 0
         assert "EX_CONFIG" in events_of(sup.events, "fatal")[0].message
         assert events_of(sup.events, "backoff") == []
+        # stopping a slot that has no process: `stopped`, not a second `exited` of the pid
+        await svc.stop()
+        assert len(events_of(sup.events, "exited", "cfg:0")) == 1
+        assert len(events_of(sup.events, "stopped", "cfg:0")) == 1
 
 
 async def test_restart_policies(tmp_path: Path) -> None:
@@ -124,6 +129,24 @@ async def test_restart_policies(tmp_path: Path) -> None:
         assert never.workers[0].state is WorkerState.EXITED
         assert never.workers[0].restarts == 0 and clean.workers[0].restarts == 0
         assert never.status().state == "stopped"
+
+
+@pytest.mark.parametrize(("sig", "restarted"), [(signal.SIGTERM, False), (signal.SIGKILL, True)])
+async def test_on_failure_treats_the_clean_signals_as_systemd_does(
+    tmp_path: Path, sig: signal.Signals, restarted: bool
+) -> None:
+    async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
+        spec = worker_spec("sleeper", restart="on-failure", ready="started",
+                           command=("sleep", "60"))
+        svc = await sup.add_service(spec)
+        await svc.wait_ready(10)
+        worker = svc.workers[0]
+        os.kill(worker.pid, sig)  # from outside, not a stop the agent asked for
+        if restarted:
+            await wait_for(lambda: worker.restarts == 1, 10, "restart after SIGKILL")
+        else:
+            await wait_for(lambda: not worker.supervising, 10, "a clean end after SIGTERM")
+            assert worker.restarts == 0 and worker.state is WorkerState.EXITED
 
 
 async def test_sigterm_ignored_gets_sigkill(tmp_path: Path) -> None:
