@@ -60,11 +60,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
-from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
 from agent.api import SERVICE_NAME as AGENT_SERVICE_NAME
 from agent.api import AgentServicer
+from agent.health_service import AgentHealth
 
 if TYPE_CHECKING:
     from agent.core import AgentCore
@@ -374,7 +374,7 @@ class ControlServer:
         #: bound ports (useful when the address asked for port 0)
         self.probe_port: int | None = None
         self.tcp_port: int | None = None
-        self.health = health_aio.HealthServicer()
+        self.health = AgentHealth()
         self._health_state: dict[str, bool] = {}
         self._lock_fd: int | None = None
         self._private_dir: Path | None = None
