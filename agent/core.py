@@ -518,7 +518,11 @@ class AgentCore:
             log.warning("could not record config history: %s", exc)
 
     def load_previous_from_history(self) -> None:
-        """At start-up, remember the last config applied before this run (for --previous)."""
+        """At start-up, remember the last config applied before this run (for --previous).
+
+        Only configs applied from this agent's own config file count: root's default
+        state dir is shared by every agent on the host.
+        """
         try:
             entries = sorted(self._history_dir().glob("*.toml"))
         except OSError:
@@ -526,9 +530,10 @@ class AgentCore:
         for entry in reversed(entries):
             try:
                 text = entry.read_text()
-            except OSError:
+                about = json.loads(entry.with_suffix(".json").read_text())
+            except (OSError, ValueError):
                 continue
-            if text == self.config.text:
+            if text == self.config.text or about.get("path") != self.config.path:
                 continue
             try:
                 self._previous = parse_config(text, self.config.path)

@@ -195,6 +195,22 @@ def test_reload_rolls_and_broken_config_is_rejected(tmp_path: Path) -> None:
         assert "ok" in outcomes
 
 
+def test_previous_outlives_a_restart_and_belongs_to_its_config_file(tmp_path: Path) -> None:
+    shared = tmp_path / "state"  # as root's default state dir is, for every agent
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first = AgentProcess(tmp_path / "a", api_service(free_port(), count=1), state_dir=shared)
+    with first:
+        first.config.write_text(first.config.read_text().replace("count = 1", "count = 2"))
+        assert first.svctl("reload").returncode == 0
+    with first:  # restarted: the config applied before this run is still the previous one
+        plan = first.svctl("reload", "--previous", "--dry-run")
+        assert plan.returncode == 0 and "count 2 -> 1" in plan.stdout, plan
+    with AgentProcess(tmp_path / "b", api_service(free_port(), count=1), state_dir=shared) as other:
+        alien = other.svctl("reload", "--previous", "--dry-run")  # a's history is not b's
+        assert alien.returncode == 1 and "no previous config" in alien.stderr, alien
+
+
 def test_check_config_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(
