@@ -245,7 +245,11 @@ class Service:
             return ServiceState.RUNNING
         if workers and not any(w.supervising for w in workers):
             return ServiceState.STOPPED  # every worker exited under its restart policy
-        return ServiceState.STARTING
+        if not workers or any(w.state is WorkerState.STARTING for w in workers):
+            return ServiceState.STARTING
+        # every process is up, too few ready (failing checks, STOPPING=1, a replacement
+        # draining): running short, not starting; `ready` and the probes tell the rest
+        return ServiceState.RUNNING
 
     @property
     def workers(self) -> list[Worker]:

@@ -342,6 +342,8 @@ async def test_health_failure_unready_then_ready(tmp_path: Path) -> None:
         flag.touch()
         await wait_for(lambda: not worker.ready, 5, "unready")
         assert worker.state is WorkerState.RUNNING and worker.pid == pid
+        service = svc.status()  # running short of ready workers, not "starting"
+        assert (service.state, service.ready) == ("running", 0)
         flag.unlink()
         await wait_for(lambda: worker.ready, 5, "ready again")
         assert worker.pid == pid and worker.restarts == 0
