@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
+from agent import __version__
+
 if TYPE_CHECKING:
     import grpc
     from google.protobuf.message import Message
@@ -439,6 +441,26 @@ def _say(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
 # ---------------------------------------------------------------- arguments
 
 
+def _add_common(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The connection flags and --json, on svctl itself and on every command."""
+    where = parser.add_argument_group("connection")
+    where.add_argument("--socket", metavar="PATH", default=default,
+                       help="control socket (default: $SVCD_SOCKET, else the agent's default)")
+    where.add_argument("--address", metavar="HOST:PORT", default=default,
+                       help="TCP control address (mTLS only)")
+    where.add_argument("--tls-cert", metavar="FILE", default=default,
+                       help="client certificate (PEM)")
+    where.add_argument("--tls-key", metavar="FILE", default=default, help="client key (PEM)")
+    where.add_argument("--tls-ca", metavar="FILE", default=default,
+                       help="CA of the agent's certificate (PEM)")
+    where.add_argument("--timeout", type=_positive_float, metavar="SECONDS", default=default,
+                       help=f"deadline of each call (default: {QUERY_TIMEOUT:g}s for "
+                       "queries, none for actions)")
+    parser.add_argument("--json", action="store_true",
+                        default=False if default is None else default,
+                        help="machine-readable output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="svctl",
@@ -446,22 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 done, 1 action failed, 2 usage or unknown service, "
         "3 agent unreachable, 4 permission denied",
     )
-    where = parser.add_argument_group("connection")
-    where.add_argument("--socket", metavar="PATH",
-                       help="control socket (default: $SVCD_SOCKET, else the agent's default)")
-    where.add_argument("--address", metavar="HOST:PORT", help="TCP control address (mTLS only)")
-    where.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM)")
-    where.add_argument("--tls-key", metavar="FILE", help="client key (PEM)")
-    where.add_argument("--tls-ca", metavar="FILE", help="CA of the agent's certificate (PEM)")
-    where.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
-                       help=f"deadline of each call (default: {QUERY_TIMEOUT:g}s for "
-                       "queries, none for actions)")
-    parser.add_argument("--json", action="store_true", default=False,
-                        help="machine-readable output")
-    # every command also takes --json after its name
+    parser.add_argument("--version", action="version", version=f"svctl {__version__}")
+    _add_common(parser, default=None)
+    # every command also takes them after its name (a value given there wins)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="machine-readable output")
+    _add_common(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, helptext: str) -> argparse.ArgumentParser:
@@ -572,6 +583,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise rpc_error(exc, target) from None
     except CliError as exc:
         print(f"svctl: {exc.message}", file=sys.stderr)
+        if args.json:  # the reader of stdout gets an object too
+            _print_json({"ok": False, "exit_code": exc.code, "error": exc.message})
         return exc.code
     except KeyboardInterrupt:
         return EXIT_OK  # Ctrl-C ends -f / --watch: what the user asked for

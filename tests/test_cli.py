@@ -401,6 +401,30 @@ async def test_reload_rolled_back_is_exit_1(agent: Agent) -> None:
 async def test_reload_previous_without_history_is_exit_1(agent: Agent) -> None:
     code, _, err = await agent.run("reload", "--previous")
     assert code == 1 and "previous" in err
+    code, out, _ = await agent.run("reload", "--previous", "--json")  # errors as JSON too
+    error = err.removeprefix("svctl: ").strip()
+    assert code == 1 and json.loads(out) == {"ok": False, "exit_code": 1, "error": error}
+
+
+async def test_connection_flags_also_follow_the_command(agent: Agent, tmp_path: Path) -> None:
+    def call(*argv: str) -> tuple[int, str]:
+        out = io.StringIO()
+        with redirect_stdout(out), redirect_stderr(io.StringIO()):
+            try:
+                code = cli.run(list(argv))
+            except SystemExit as exc:
+                code = int(exc.code or 0)
+        return code, out.getvalue()
+
+    code, out = await asyncio.to_thread(call, "status", "--json", "--socket", str(agent.socket))
+    assert code == 0 and json.loads(out)["agent"]["name"] == "test-agent"
+    # given after the command, it wins over the one before it
+    code, _ = await asyncio.to_thread(
+        call, "--socket", str(tmp_path / "none.sock"), "probe", "live", "--socket",
+        str(agent.socket))
+    assert code == 0
+    code, out = await asyncio.to_thread(call, "--version")
+    assert code == 0 and out.startswith("svctl ")
 
 
 async def test_logs_and_events(agent: Agent) -> None:
