@@ -173,6 +173,24 @@ async def test_crashes_rewrite_the_key_through_backoff_and_never_delete_it(
         assert deletes(changes, key) == [], "the key was deleted while the slot restarted"
 
 
+async def test_a_crash_the_policy_does_not_restart_deletes_the_key(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    async with (
+        asyncio.timeout(TEST_TIMEOUT),
+        reader(etcd.endpoint) as r,
+        supervising(tmp_path) as sup,
+        running(Settings((etcd.endpoint,))) as reg,
+        registered(sup, reg),
+    ):
+        svc = await sup.add_service(worker_spec("web", restart="never"))
+        await svc.wait_ready(WAIT)
+        await eventually(lambda: r.exactly(PREFIX, 1), WAIT, "the key")
+        os.kill(svc.workers[0].pid, signal.SIGKILL)
+        await eventually(lambda: _no_key(r), WAIT, "no key once it stays exited")
+        assert svc.workers[0].status().leaving
+
+
 async def test_stops_for_good_delete_keys_before_the_signal(
     tmp_path: Path, etcd: EtcdServer
 ) -> None:
