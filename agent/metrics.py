@@ -230,7 +230,9 @@ class MetricsCollector:
                 "svcd_service_ready_workers", "Ready workers of the service.", labels=SERVICE_LABELS
             ),
             "desired": GaugeMetricFamily(
-                "svcd_service_desired_workers", "Configured worker count.", labels=SERVICE_LABELS
+                "svcd_service_desired_workers",
+                "Workers the service should run now (0 while stopped).",
+                labels=SERVICE_LABELS,
             ),
             "required": GaugeMetricFamily(
                 "svcd_service_required_ready_workers",

@@ -55,7 +55,7 @@ from supervisor.preload import Preloader
 from supervisor.reaper import Reaper
 from supervisor.spec import ListenSpec, ServiceSpec
 from supervisor.states import ServiceState, WorkerState
-from supervisor.status import ServiceStatus
+from supervisor.status import ServiceStatus, WorkerStatus
 from supervisor.worker import Changed, Worker, WorkerDeps, WorkerFailed
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,12 @@ class Service:
 
     def status(self) -> ServiceStatus:
         workers = sorted(self._workers(), key=lambda w: (w.index, w.generation))
+        rows = tuple(w.status() for w in workers)
+        if not rows and not self._desired:
+            rows = tuple(
+                WorkerStatus.stopped_slot(self.name, i, self.generation)
+                for i in range(self.spec.count)
+            )
         ready = sum(1 for w in self._slots.values() if w.ready)
         return ServiceStatus(
             name=self.name,
@@ -213,7 +219,7 @@ class Service:
             desired=self.spec.count if self._desired else 0,
             ready=ready,
             generation=self.generation,
-            workers=tuple(w.status() for w in workers),
+            workers=rows,
             listen=tuple(spec.display for spec in self.spec.listen),
             required_ready=self.spec.required_ready,
             reloads=self.reloads,

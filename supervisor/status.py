@@ -51,6 +51,17 @@ class WorkerStatus:
     #: Internal (not in the gRPC status).
     leaving: bool = False
 
+    @classmethod
+    def stopped_slot(cls, service: str, index: int, generation: int) -> WorkerStatus:
+        """Slot `index` of a stopped service: no process, but a row, as supervisorctl
+        shows a stopped program (and metrics keep the series: up 0, not gone)."""
+        return cls(
+            worker=f"{service}:{index}", index=index, pid=0, generation=generation,
+            state="exited", ready=False, health="unknown", restarts=0, uptime_s=0.0,
+            rss_bytes=0.0, cpu_percent=0.0, cpu_seconds=0.0, connections=0, requests=0,
+            qps=0.0, leaving=True,
+        )
+
 
 @dataclass(frozen=True)
 class TemplateStatus:

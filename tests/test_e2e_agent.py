@@ -132,6 +132,9 @@ start_limit = 3
         assert agent.svctl("probe", "ready", "api").returncode == 1
         stopped = agent.status()["services"][0]
         assert stopped["state"] == "stopped"
+        assert [(w["worker"], w["pid"], w["state"]) for w in stopped["workers"]] == [
+            ("api:0", 0, "exited")]
+        assert "api:0" in agent.svctl("status", "api").stdout  # the table keeps the row
         assert agent.svctl("reload", "api").returncode == 1  # nothing runs to reload
         # start waits for readiness, like `systemctl start` of a notify unit
         started = agent.svctl("start", "api")

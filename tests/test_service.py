@@ -38,6 +38,9 @@ async def test_start_stop_restart(tmp_path: Path) -> None:
         await svc.stop()
         assert svc.status().state == "stopped" and svc.workers == []
         assert sup.listeners.get(spec.listen[0].url) is not None  # still bound
+        # one row per slot stays, as supervisorctl shows a stopped program
+        rows = [(w.worker, w.pid, w.state, w.ready, w.leaving) for w in svc.status().workers]
+        assert rows == [(f"{spec.name}:{i}", 0, "exited", False, True) for i in range(spec.count)]
 
 
 async def test_scale_up_and_down_under_load(tmp_path: Path) -> None:
