@@ -13,9 +13,15 @@ Invariants:
 - Messages of one connection reach `on_message` in order: while an async handler is
   suspended, later messages wait in a bounded queue (reading pauses when it is full).
 - A failing handler or callback is reported (on_error, else the log) and never
-  propagates into the event loop; other connections are untouched.
+  propagates into the event loop; other connections are untouched. So is a handler's
+  return value the protocol cannot encode (a dict on text://): the reply is dropped,
+  on_error gets the TypeError, and the connection's queued messages go on in order.
 - `send` after close, or beyond the hard send-buffer cap, drops the data, counts a
-  `send_fail` and returns a falsy `Sent`.
+  `send_fail` and returns a falsy `Sent`; a dropped unencodable reply counts one too
+  (`conn.send()` of such a value raises TypeError to its caller instead).
+- A connection counts (connections, requests, bytes, send_fail) in `self.stats`: the
+  worker's, or a separate `Stats` for the connections of a health-probe listener,
+  which are the supervisor's checks, not traffic (see `Server.listen`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from server_core.eager import DONE
 
 if TYPE_CHECKING:
     from server_core.server import Server
+    from server_core.stats import Stats
 
 # Messages queued behind a suspended handler before we stop reading from the socket.
 MAX_QUEUED_MESSAGES = 64
@@ -80,11 +87,15 @@ class Connection(asyncio.Protocol):
         "_write_paused",
         "id",
         "server",
+        "stats",
         "transport",
     )
 
     def __init__(self, server: Server) -> None:
         self.server = server
+        # Where this connection counts: the worker's stats, or the server's
+        # `probe_stats` for the supervisor's health probes (Server.listen).
+        self.stats: Stats = server.stats
         self.id = next(_ids)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self._context: dict[str, Any] | None = None
@@ -115,7 +126,7 @@ class Connection(asyncio.Protocol):
     def send(self, data: Any) -> Sent:
         """Encode `data` for this protocol and write it; see `Sent`."""
         if self._closing or self._closed:
-            self.server.stats.send_fail += 1
+            self.stats.send_fail += 1
             return NOT_SENT
         payload = self._encode(data)
         return self._write_checked(payload)
@@ -174,7 +185,7 @@ class Connection(asyncio.Protocol):
         raise NotImplementedError
 
     def _write(self, data: bytes) -> None:
-        self.server.stats.bytes_out += len(data)
+        self.stats.bytes_out += len(data)
         self.transport.write(data)
 
     def _write_checked(self, data: bytes) -> Sent:
@@ -184,7 +195,7 @@ class Connection(asyncio.Protocol):
         server = self.server
         hard_cap = server.max_send_buffer * HARD_SEND_BUFFER_FACTOR
         if self.transport.get_write_buffer_size() > hard_cap:
-            server.stats.send_fail += 1
+            self.stats.send_fail += 1
             server.report_error(self, ProtocolViolation("send buffer full: data dropped"))
             return NOT_SENT
         self._write(data)
@@ -264,7 +275,7 @@ class MessageConnection(Connection):
 
     def _handle(self, message: Any) -> None:
         server = self.server
-        server.stats.requests += 1
+        self.stats.requests += 1
         handler = server.on_message
         if handler is None:
             return
@@ -284,7 +295,10 @@ class MessageConnection(Connection):
             server.report_error(self, exc)
             return
         if result is not None:
-            self.send(result)
+            try:
+                self.send(result)
+            except Exception as exc:
+                self._reply_failed(exc)
 
     def _handler_done(self, task: asyncio.Task[Any]) -> None:
         self._busy = False
@@ -295,7 +309,10 @@ class MessageConnection(Connection):
             else:
                 result = task.result()
                 if result is not None:
-                    self.send(result)
+                    try:
+                        self.send(result)
+                    except Exception as send_exc:
+                        self._reply_failed(send_exc)
         queue = self._queue
         while queue and not self._busy and not self._closed:
             self._handle(queue.popleft())
@@ -304,3 +321,12 @@ class MessageConnection(Connection):
             self.transport.resume_reading()
         if self._close_when_idle and self._idle():
             self.close()
+
+    def _reply_failed(self, exc: Exception) -> None:
+        """What a handler returned could not be sent (a dict on text://: TypeError).
+
+        The reply is dropped like data sent after close (a `send_fail`) and reported as
+        the handler's error; the connection and its queued messages carry on.
+        """
+        self.stats.send_fail += 1
+        self.server.report_error(self, exc)

@@ -7,7 +7,8 @@ Three modes, picked from the environment:
 - under svcd (or systemd): `LISTEN_FDS`/`LISTEN_PID`/`LISTEN_FDNAMES` name inherited
   listening sockets from fd 3; the worker serves every one of them (the service's and
   the private `svcd-health` one) in this process, sends sd_notify READY/STOPPING/
-  WATCHDOG and its stats, and ignores `count` (the supervisor runs the copies).
+  WATCHDOG and its stats (which leave out the `svcd-health` connections: those are
+  the agent's checks), and ignores `count` (the supervisor runs the copies).
 - alone: it binds the address itself; `count=N` forks N children that share that one
   socket (not SO_REUSEPORT, which strands queued connections when a process exits);
   the parent restarts a child that dies and forwards SIGTERM/SIGINT to all.
@@ -30,7 +31,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from server_core.address import bind
@@ -46,6 +47,9 @@ LISTEN_ENV = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 WATCHDOG_ENV = ("WATCHDOG_USEC", "WATCHDOG_PID")
 DRAIN_TIMEOUT_ENV = "SVCD_DRAIN_TIMEOUT"
 FORKSERVER_CHANNEL = "svcd-forkserver"  # the preload channel's fd name (forkserver.py)
+# The fd name of svcd's private per-worker health listener: its connections are the
+# agent's checks, served but not counted as traffic (Server.listen).
+HEALTH_LISTENER = "svcd-health"
 DEFAULT_DRAIN_TIMEOUT = 20.0
 
 # prefork parent
@@ -169,7 +173,9 @@ def _serve(worker: Worker) -> int:
         log.info("%s: serving inherited sockets %s", worker.address.scheme, names)
         if worker.count > 1:
             log.info("count=%d ignored: the supervisor runs the copies", worker.count)
-        return serve_in_process(worker, [sock for _, sock in inherited], notifier, watchdog)
+        sockets = [sock for name, sock in inherited if name != HEALTH_LISTENER]
+        probes = [sock for name, sock in inherited if name == HEALTH_LISTENER]
+        return serve_in_process(worker, sockets, notifier, watchdog, probes)
     try:
         sock = bind(worker.address, worker.backlog)
     except OSError as exc:
@@ -190,15 +196,22 @@ def preload_imports(worker: Worker) -> None:
 
 
 def serve_in_process(
-    worker: Worker, sockets: list[socket.socket], notifier: Notifier, watchdog: float | None
+    worker: Worker,
+    sockets: list[socket.socket],
+    notifier: Notifier,
+    watchdog: float | None,
+    probes: Sequence[socket.socket] = (),
 ) -> int:
-    """Run the event loop of one worker process until it has drained."""
+    """Run the event loop of one worker process until it has drained.
+
+    `probes` are health-check listeners: served too, not counted in the stats.
+    """
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, worker.stop)
-        await worker.serve(sockets, notifier=notifier, watchdog=watchdog)
+        await worker.serve(sockets, notifier=notifier, watchdog=watchdog, probes=probes)
 
     try:
         with asyncio.Runner(loop_factory=loop_factory(worker.event_loop)) as runner:

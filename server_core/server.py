@@ -13,7 +13,8 @@ Drain (on SIGTERM): close our copy of every listening socket at once (never
 protocol's way, close idle ones after `drain_grace`, and abort whatever is left at the
 drain timeout.
 
-Invariants: `stats.connections` counts every open connection; `connections` holds
+Invariants: `stats.connections` counts every open connection but those of probe
+listeners (health checks count in `probe_stats` alone); `connections` holds
 exactly the ones the application has met (on_connect ran, on_close will run once);
 `handshaking` holds the rest (a ws:// worker's HTTP phase). Errors in user callbacks go
 to `on_error` (or the log), never into the event loop. `cached_result` is None while
@@ -41,6 +42,7 @@ from server_core.protocols.http_message import (
     Response,
     simple_head,
 )
+from server_core.stats import Stats
 
 if TYPE_CHECKING:
     from server_core.worker import Worker
@@ -83,6 +85,9 @@ class Server:
         self.worker = worker
         self.loop = loop
         self.stats = worker.stats
+        # What the connections of probe listeners count: kept apart from the worker's
+        # stats (health checks are not traffic), never reported.
+        self.probe_stats = Stats()
         scheme = worker.address.scheme
         self.websocket = scheme == "ws"
         self.connection_class = connection_class(scheme)
@@ -133,10 +138,19 @@ class Server:
 
     # ----- lifecycle --------------------------------------------------------------
     async def listen(
-        self, sockets: Iterable[socket.socket], backlog: int
+        self, sockets: Iterable[socket.socket], backlog: int, *, probe: bool = False
     ) -> list[socket.socket]:
-        """Serve each listening socket (taking ownership); the sockets as now held."""
-        factory = functools.partial(self.connection_class, self)
+        """Serve each listening socket (taking ownership); the sockets as now held.
+
+        `probe`: these are listeners of the supervisor's health checks (svcd's private
+        `svcd-health` one). Their connections are served like any other but count in
+        `probe_stats`, not in the worker's stats: a check every second must not show
+        an idle worker at 1 request per second. (Each connection picks its stats
+        object once, so the request path pays nothing for the distinction.)
+        """
+        factory: Callable[[], Connection] = (
+            self._probe_connection if probe else functools.partial(self.connection_class, self)
+        )
         held = []
         for sock in sockets:
             if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == 0:
@@ -148,6 +162,11 @@ class Server:
             self._listeners.append(listener)
             held.append(sock)
         return held
+
+    def _probe_connection(self) -> Connection:
+        conn = self.connection_class(self)
+        conn.stats = self.probe_stats
+        return conn
 
     def start(self) -> None:
         self._ticker = self.loop.call_later(TICK_INTERVAL, self._on_tick)
@@ -201,7 +220,7 @@ class Server:
 
     # ----- connections ------------------------------------------------------------
     def connection_opened(self, conn: Connection) -> None:
-        self.stats.connections += 1
+        conn.stats.connections += 1
         if conn._handshake_first():
             self.handshaking.add(conn)
         else:
@@ -220,7 +239,7 @@ class Server:
             self.call(conn, self.on_connect, conn)
 
     def connection_closed(self, conn: Connection) -> None:
-        self.stats.connections -= 1
+        conn.stats.connections -= 1
         if conn._visible:
             self.connections.discard(conn)
             if self.on_close is not None:

@@ -9,6 +9,13 @@ counters and gauges user code creates with `worker.counter()` / `worker.gauge()`
     {"connections", "requests", "send_fail", "timers", "bytes_in", "bytes_out",
      "metrics": [{"name", "type": "counter"|"gauge", "labels": {}, "value"}]}
 
+What counts: every connection adds to the `Stats` it was given when accepted, the
+worker's, except those of a health-probe listener (svcd's `svcd-health`), which count
+in a `Stats` of their own that is never reported: the supervisor's checks are not
+traffic, and an idle worker checked every second must not show 1 request per second.
+`send_fail` counts data the application sent or returned that never went out (after
+close, beyond the hard send-buffer cap, or a return value the protocol cannot encode).
+
 Invariants: one metric object per (name, labels); a name has one type; counters only
 go up; names and label names are valid Prometheus identifiers.
 """

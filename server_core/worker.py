@@ -227,8 +227,12 @@ class Worker:
         *,
         notifier: Notifier | None = None,
         watchdog: float | None = None,
+        probes: Sequence[socket.socket] = (),
     ) -> None:
         """Serve `sockets` (default: bind the address) until `stop()`, then drain.
+
+        `probes`: listening sockets of the supervisor's health checks (svcd's
+        `svcd-health`), served like `sockets` but not counted in `stats`.
 
         Raises what on_worker_start raises (after cleaning up). Cancelling it aborts
         every connection without a drain.
@@ -245,6 +249,8 @@ class Worker:
         watchdog_task: asyncio.Task[None] | None = None
         try:
             self.sockets = await server.listen(self.sockets, self.backlog)
+            if probes:
+                self.sockets += await server.listen(probes, self.backlog, probe=True)
             server.start()
             if notify.enabled:
 

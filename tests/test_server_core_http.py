@@ -13,6 +13,7 @@ from server_core import HttpConnection, Request, Response, Worker
 from tests.test_server_core_support import (
     connect,
     get,
+    listening_socket,
     read_reply,
     read_to_eof,
     serving,
@@ -458,3 +459,27 @@ async def test_memoized_head_with_a_handler_that_waits() -> None:
             writer.write(get())
             assert (await read_reply(reader)).body == b"waited"
         assert worker.stats.requests == 20
+
+
+async def test_health_probe_listener_counts_in_no_stats() -> None:
+    worker = echo_worker()
+    probe = listening_socket()
+    probe_port = int(probe.getsockname()[1])
+    async with serving(worker, probe=probe) as port:
+        async with connect(probe_port) as (reader, writer):
+            for _ in range(20):  # keep-alive: the memoized-head path too
+                writer.write(get("/probe"))
+                assert (await read_reply(reader)).status == 200
+            assert worker.stats.connections == 0
+        for _ in range(2):  # a check per connection
+            async with connect(probe_port) as (reader, writer):
+                writer.write(get("/probe", "Connection: close\r\n"))
+                assert (await read_reply(reader)).status == 200
+        assert worker.stats.requests == 0
+        assert worker.stats.bytes_in == worker.stats.bytes_out == 0
+        async with connect(port) as (reader, writer):
+            for _ in range(3):
+                writer.write(get("/probe"))
+                assert (await read_reply(reader)).status == 200
+            assert worker.stats.connections == 1
+        assert worker.stats.requests == 3

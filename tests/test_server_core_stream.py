@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -128,6 +130,76 @@ async def test_send_after_close_counts_a_failure() -> None:
             assert await reader.read() == b"bye"
     assert results == [False]
     assert worker.stats.send_fail == 1
+
+
+# How each message protocol frames what the client writes and what the worker answers.
+WIRE: dict[str, Callable[[bytes], bytes]] = {
+    "tcp": lambda payload: payload,
+    "text": lambda payload: payload + b"\n",
+    "frame": frame,
+}
+
+
+def unsendable_reply_worker(scheme: str, mode: str, release: asyncio.Event) -> Worker:
+    """Echoes messages, but answers `dict` / `slowdict` with a dict, which tcp://,
+    text:// and frame:// cannot encode. `mode`: a sync handler, an async one that
+    finishes without waiting, or one that waits (for `release`) on `slowdict`."""
+    worker = Worker(f"{scheme}://127.0.0.1:0")
+
+    def answer(message: Any) -> Any:
+        text = message.decode() if isinstance(message, bytes) else message
+        return {"k": 1} if text in ("dict", "slowdict") else message
+
+    if mode == "sync":
+        worker.on_message(lambda conn, message: answer(message))
+    else:
+
+        @worker.on_message
+        async def handle(conn: Connection, message: Any) -> Any:
+            if message in ("slowdict", b"slowdict"):
+                await release.wait()
+            return answer(message)
+
+    return worker
+
+
+def read_at_least(worker: Worker, total: int) -> bool:
+    return worker.stats.bytes_in >= total
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "text", "frame"])
+@pytest.mark.parametrize("mode", ["sync", "async", "suspended"])
+async def test_an_unsendable_reply_goes_to_on_error_and_later_messages_are_answered(
+    scheme: str, mode: str
+) -> None:
+    release = asyncio.Event()
+    worker = unsendable_reply_worker(scheme, mode, release)
+    errors: list[BaseException] = []
+    worker.on_error(lambda conn, exc: errors.append(exc))
+    wire = WIRE[scheme]
+    first = b"slowdict" if mode == "suspended" else b"dict"
+    async with serving(worker) as port, connect(port) as (reader, writer):
+        sent = 0
+        for message in (first, b"next1", b"next2"):
+            data = wire(message)
+            writer.write(data)
+            await writer.drain()
+            sent += len(data)
+            # one read per message, so raw tcp:// sees each as a message of its own
+            await wait_for(functools.partial(read_at_least, worker, sent), what="it read")
+        release.set()
+        expected = wire(b"next1") + wire(b"next2")
+        async with asyncio.timeout(5):
+            assert await reader.readexactly(len(expected)) == expected
+        await wait_for(lambda: errors, what="on_error")
+        assert len(errors) == 1 and isinstance(errors[0], TypeError), errors
+        assert "cannot send a dict" in str(errors[0])
+        assert worker.stats.requests == 3
+        assert worker.stats.send_fail == 1  # the dropped reply
+        # the connection is still usable
+        writer.write(wire(b"again"))
+        async with asyncio.timeout(5):
+            assert await reader.readexactly(len(wire(b"again"))) == wire(b"again")
 
 
 async def test_timers_every_after_cancel() -> None:

@@ -25,11 +25,15 @@ def listening_socket(host: str = "127.0.0.1") -> socket.socket:
 
 
 @contextlib.asynccontextmanager
-async def serving(worker: Worker) -> AsyncIterator[int]:
-    """Run `worker` on a fresh 127.0.0.1 port in this loop; yield the port; stop it after."""
+async def serving(worker: Worker, probe: socket.socket | None = None) -> AsyncIterator[int]:
+    """Run `worker` on a fresh 127.0.0.1 port in this loop; yield the port; stop it after.
+
+    `probe`: a listening socket the worker serves as a health-check listener too.
+    """
     sock = listening_socket()
     port = int(sock.getsockname()[1])
-    task = asyncio.create_task(worker.serve([sock]))
+    probes = [] if probe is None else [probe]
+    task = asyncio.create_task(worker.serve([sock], probes=probes))
     try:
         async with asyncio.timeout(STEP_TIMEOUT):
             done, _ = await asyncio.wait(

@@ -51,6 +51,26 @@ async def test_messages_keep_their_order_across_slow_handlers() -> None:
         assert [await ws.recv() for _ in range(5)] == ["1", "slow", "2", "slow", "3"]
 
 
+async def test_an_unsendable_reply_goes_to_on_error_and_the_socket_goes_on() -> None:
+    worker = Worker("ws://127.0.0.1:0")
+    errors: list[BaseException] = []
+    worker.on_error(lambda conn, exc: errors.append(exc))
+
+    @worker.on_message
+    async def handle(conn: WebSocketConnection, message: str) -> Any:
+        if message == "slow42":
+            await asyncio.sleep(0.05)
+            return 42  # a WebSocket sends str, bytes, dict or list: not an int
+        return 42 if message == "42" else message
+
+    async with serving(worker) as port, ws_connect(f"ws://127.0.0.1:{port}/") as ws:
+        for message in ("42", "one", "slow42", "two"):
+            await ws.send(message)
+        assert [await ws.recv() for _ in range(2)] == ["one", "two"]
+    assert [type(exc) for exc in errors] == [TypeError, TypeError]
+    assert worker.stats.send_fail == 2
+
+
 async def test_fragmented_and_large_messages() -> None:
     async with serving(echo_worker()) as port:
         url = f"ws://127.0.0.1:{port}/"

@@ -36,7 +36,7 @@ class FrameConnection(MessageConnection):
         self._buffer = bytearray()
 
     def data_received(self, data: bytes) -> None:
-        self.server.stats.bytes_in += len(data)
+        self.stats.bytes_in += len(data)
         if self._closing:
             return
         buffer = self._buffer

@@ -147,7 +147,7 @@ class HttpConnection(Connection):
     # ----- input ------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         server = self.server
-        stats = server.stats
+        stats = self.stats
         size = len(data)
         stats.bytes_in += size
         if self._closing:
@@ -238,7 +238,7 @@ class HttpConnection(Connection):
                 self._remember(memo_key, entry)
         if out:
             payload = out[0] if len(out) == 1 else b"".join(out)
-            server.stats.bytes_out += len(payload)
+            stats.bytes_out += len(payload)
             self.transport.write(payload)
         if self._closing:
             self._linger()
@@ -360,7 +360,7 @@ class HttpConnection(Connection):
             if self.server.websocket and upgrade.lower().find(b"websocket") >= 0:
                 self._ws_request = request  # handled when the parser stops (HttpParserUpgrade)
                 return
-        self.server.stats.requests += 1
+        self.stats.requests += 1
         if self._pending is not None:
             queue = self._queue
             if queue is None:
@@ -458,7 +458,7 @@ class HttpConnection(Connection):
             result = task.result()
             if result is not None and self._pending is request:
                 if self._closed or self._closing:
-                    self.server.stats.send_fail += 1  # the client went away meanwhile
+                    self.stats.send_fail += 1  # the client went away meanwhile
                     self._pending = None
                     return
                 self._respond(request, result)
@@ -503,7 +503,7 @@ class HttpConnection(Connection):
         if out is not None:
             out.append(data)
         else:
-            server.stats.bytes_out += len(data)
+            self.stats.bytes_out += len(data)
             self.transport.write(data)
         if keep_alive == KEEP_CLOSE:
             self._after_response(request, keep_alive)
@@ -574,7 +574,7 @@ class HttpConnection(Connection):
             self._parser = HttpRequestParser(self)
             self._mid = False
             if rest and not self._closing:
-                self.server.stats.bytes_in -= len(rest)  # counted already
+                self.stats.bytes_in -= len(rest)  # counted already
                 self.data_received(rest)
             elif self._closing:
                 self._linger()
@@ -641,7 +641,7 @@ class HttpConnection(Connection):
         """Answer the oldest unanswered request with `data` (str, bytes, dict, Response)."""
         request = self._pending
         if request is None or self._closing or self._closed:
-            self.server.stats.send_fail += 1
+            self.stats.send_fail += 1
             return NOT_SENT
         self._respond(request, data)
         self._advance()

@@ -26,7 +26,7 @@ class TcpConnection(MessageConnection):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
-        self.server.stats.bytes_in += len(data)
+        self.stats.bytes_in += len(data)
         if not self._closing:
             self._dispatch(data)
 

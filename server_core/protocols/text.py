@@ -30,7 +30,7 @@ class TextConnection(MessageConnection):
         self._buffer = bytearray()
 
     def data_received(self, data: bytes) -> None:
-        self.server.stats.bytes_in += len(data)
+        self.stats.bytes_in += len(data)
         if self._closing:
             return
         buffer = self._buffer

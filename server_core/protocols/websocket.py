@@ -61,6 +61,7 @@ def accept(http: HttpConnection, request: Request, rest: bytes) -> None:
         return
     server = http.server
     conn = WebSocketConnection(server, request)
+    conn.stats = http.stats  # (a health-probe listener's connection stays one)
     transport = http.transport
     conn.transport = transport
     http._detach()
@@ -99,7 +100,7 @@ class WebSocketConnection(MessageConnection):
 
     # ----- input ------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.server.stats.bytes_in += len(data)
+        self.stats.bytes_in += len(data)
         self._receive(data)
 
     def _receive(self, data: bytes) -> None:
@@ -196,7 +197,7 @@ class WebSocketConnection(MessageConnection):
     def send(self, data: Any) -> Sent:
         """Send a text (str), binary (bytes) or JSON (dict/list) message."""
         if self._closing or self._closed or self._proto.state is not OPEN:
-            self.server.stats.send_fail += 1
+            self.stats.send_fail += 1
             return NOT_SENT
         return self._write_checked(self._encode(data))
 
