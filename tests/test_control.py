@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -245,7 +246,10 @@ async def test_peer_uid_refused_with_permission_denied(
             result = await asvctl(path, *args, as_nobody=True)
             assert result.returncode == 4, (args, result)
             assert result.stderr.startswith("svctl: permission denied"), result.stderr
-            assert result.stdout == ""
+            if "--json" in args:  # the error as an object, for the reader of stdout
+                assert json.loads(result.stdout)["exit_code"] == 4, result.stdout
+            else:
+                assert result.stdout == ""
         assert srv.refused == 4
         # root and our own uid stay allowed
         assert (await asvctl(path, "probe", "live")).returncode == 0

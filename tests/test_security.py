@@ -173,7 +173,10 @@ def test_peercred_check_refuses_other_uids_even_on_an_open_socket(open_base: Pat
             result = svctl(agent.socket, *args, nobody=True)
             assert result.returncode == 4, (args, result)
             assert result.stderr.startswith("svctl: permission denied"), result.stderr
-            assert result.stdout == ""
+            if "--json" in args:  # the error as an object, for the reader of stdout
+                assert json.loads(result.stdout)["exit_code"] == 4, result.stdout
+            else:
+                assert result.stdout == ""
         assert agent.worker_pids("api") == before
         assert "refused pid" in agent.stderr()  # the agent logs who knocked
 
