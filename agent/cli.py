@@ -293,6 +293,9 @@ def cmd_scale(client: Client, args: argparse.Namespace) -> int:
 def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     from agent._pb import agent_pb2 as pb
 
+    if args.previous and args.service:
+        raise CliError(EXIT_USAGE, "--previous re-applies a whole config: give no SERVICE")
+
     request = pb.ReloadRequest(
         service=args.service or "",
         dry_run=args.dry_run,

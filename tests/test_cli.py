@@ -404,6 +404,8 @@ async def test_reload_previous_without_history_is_exit_1(agent: Agent) -> None:
     code, out, _ = await agent.run("reload", "--previous", "--json")  # errors as JSON too
     error = err.removeprefix("svctl: ").strip()
     assert code == 1 and json.loads(out) == {"ok": False, "exit_code": 1, "error": error}
+    code, _, err = await agent.run("reload", "api", "--previous")  # not one service's
+    assert code == 2 and "give no SERVICE" in err
 
 
 async def test_connection_flags_also_follow_the_command(agent: Agent, tmp_path: Path) -> None:
