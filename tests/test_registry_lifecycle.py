@@ -61,10 +61,11 @@ FAST_HEALTH = HealthSpec(kind="http", interval=0.2, timeout=0.15, rise=1, fall=1
 
 
 @contextlib.asynccontextmanager
-async def registered(sup: Supervisor, reg: Registry) -> AsyncIterator[None]:
-    """Publish the supervisor's status after every event, as the agent's core does."""
+async def registered(tmp_path: Path, endpoint: str) -> AsyncIterator[Supervisor]:
+    """A Supervisor whose status is published to a Registry on `endpoint` after every
+    event, as the agent's core does."""
 
-    async def feed() -> None:
+    async def feed(sup: Supervisor, reg: Registry) -> None:
         sub = sup.events.subscribe()
         reg.publish(sup.status())
         try:
@@ -73,13 +74,14 @@ async def registered(sup: Supervisor, reg: Registry) -> AsyncIterator[None]:
         finally:
             sub.close()
 
-    task = asyncio.create_task(feed(), name="registry feed")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async with supervising(tmp_path) as sup, running(Settings((endpoint,))) as reg:
+        task = asyncio.create_task(feed(sup, reg), name="registry feed")
+        try:
+            yield sup
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 def puts(changes: list[KeyChange], key: str) -> list[dict[str, Any]]:
@@ -107,9 +109,7 @@ async def test_health_failure_rewrites_the_key_and_never_deletes_it(
         asyncio.timeout(TEST_TIMEOUT),
         reader(etcd.endpoint) as r,
         watching(r.client, PREFIX) as changes,
-        supervising(tmp_path) as sup,
-        running(Settings((etcd.endpoint,))) as reg,
-        registered(sup, reg),
+        registered(tmp_path, etcd.endpoint) as sup,
     ):
         svc = await sup.add_service(spec)
         await svc.wait_ready(WAIT)
@@ -146,9 +146,7 @@ async def test_crashes_rewrite_the_key_through_backoff_and_never_delete_it(
         asyncio.timeout(TEST_TIMEOUT),
         reader(etcd.endpoint) as r,
         watching(r.client, PREFIX) as changes,
-        supervising(tmp_path) as sup,
-        running(Settings((etcd.endpoint,))) as reg,
-        registered(sup, reg),
+        registered(tmp_path, etcd.endpoint) as sup,
     ):
         svc = await sup.add_service(spec)
         await svc.wait_ready(WAIT)
@@ -179,9 +177,7 @@ async def test_a_crash_the_policy_does_not_restart_deletes_the_key(
     async with (
         asyncio.timeout(TEST_TIMEOUT),
         reader(etcd.endpoint) as r,
-        supervising(tmp_path) as sup,
-        running(Settings((etcd.endpoint,))) as reg,
-        registered(sup, reg),
+        registered(tmp_path, etcd.endpoint) as sup,
     ):
         svc = await sup.add_service(worker_spec("web", restart="never"))
         await svc.wait_ready(WAIT)
@@ -199,9 +195,7 @@ async def test_stops_for_good_delete_keys_before_the_signal(
     async with (
         asyncio.timeout(TEST_TIMEOUT * 2),
         reader(etcd.endpoint) as r,
-        supervising(tmp_path) as sup,
-        running(Settings((etcd.endpoint,))) as reg,
-        registered(sup, reg),
+        registered(tmp_path, etcd.endpoint) as sup,
     ):
         svc = await sup.add_service(spec)
         await svc.wait_ready(WAIT)
