@@ -130,7 +130,7 @@ def svcd_breakdown(agent: Svcd, service: str, kills: list[tuple[int, float]]) ->
         if exited is None:
             continue
         after = [e for e in events if e["time"] >= exited["time"] and e["pid"] != pid]
-        started = next((e for e in after if e["type"] in ("started", "restarted")), None)
+        started = next((e for e in after if e["type"] == "started"), None)
         became = next((e for e in after if e["type"] == "ready"), None)
         detect.append((exited["time"] - wall) * 1000)
         if started is not None:
