@@ -642,8 +642,8 @@ class Worker:
         self.end_reason = f"{message} ({replaced})" if replaced else message
         fields: dict[str, Any] = {"expected": requested_stop or bool(replaced)}
         if status is not None:
-            fields["code"] = status.code
-            fields["signal"] = status.signal_name
+            fields["code"] = status.code  # None when killed by a signal
+            fields["signal"] = status.signal_name or None  # None when it exited
         # STARTING/RUNNING/STOPPING -> EXITED: reaped
         self._set_state(WorkerState.EXITED, "exited", message=message, **fields)
         return _Ended(status, requested_stop=requested_stop, replaced=replaced)

@@ -111,6 +111,8 @@ async def test_exit_78_is_fatal_at_once(tmp_path: Path) -> None:
         assert "EX_CONFIG" in events_of(sup.events, "fatal")[0].message
         assert events_of(sup.events, "backoff") == []
         # stopping a slot that has no process: `stopped`, not a second `exited` of the pid
+        (exited,) = events_of(sup.events, "exited", "cfg:0")
+        assert (exited.fields["code"], exited.fields["signal"]) == (78, None)  # null, not ""
         await svc.stop()
         assert len(events_of(sup.events, "exited", "cfg:0")) == 1
         assert len(events_of(sup.events, "stopped", "cfg:0")) == 1
