@@ -335,11 +335,12 @@ def cmd_logs(client: Client, args: argparse.Namespace) -> int:
         request.worker = args.worker
     out = sys.stdout
     for line in client.stream("Logs", request, pb.LogLine):
+        # worker -1: a line of svcd itself about the stream (e.g. lines dropped)
+        who = line.service if line.worker < 0 else f"{line.service}:{line.worker}"
         if args.json:
-            out.write(_json_line(to_dict(line)))
+            # `worker` named as in events and status ("api:0"), the number in `index`
+            out.write(_json_line({**to_dict(line), "worker": who, "index": line.worker}))
         else:
-            # worker -1: a line of svcd itself about the stream (e.g. lines dropped)
-            who = line.service if line.worker < 0 else f"{line.service}:{line.worker}"
             out.write(f"{who} | {line.line}\n")
         if args.follow:
             out.flush()

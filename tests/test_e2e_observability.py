@@ -427,7 +427,7 @@ def test_log_rotation_keeps_the_configured_count_and_svctl_logs_filters(
 
         out = svctl(agent, "logs", "chatty", "-n", "5", "--worker", "1", "--json")
         mine = [json.loads(x) for x in out.stdout.splitlines() if x.strip()]
-        assert len(mine) == 5 and {m["worker"] for m in mine} == {1}, mine
+        assert len(mine) == 5 and {(m["worker"], m["index"]) for m in mine} == {("chatty:1", 1)}
         assert {m["pid"] for m in mine} == {worker(agent, "chatty", "chatty:1")["pid"]}
         numbered = [int(m["line"].split()[1]) for m in mine if m["stream"] == "stdout"]
         assert numbered == list(range(LINES_EACH - len(numbered), LINES_EACH)), numbered
