@@ -492,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (
         ("start", "start every worker of a service and wait until it is ready"),
         ("stop", "stop every worker of a service (graceful)"),
-        ("restart", "stop every worker of a service, then start (a capacity gap)"),
+        ("restart", "stop every worker of a service, then start and wait until it is "
+         "ready (a capacity gap)"),
     ):
         p = command(name, helptext)
         p.add_argument("service")
@@ -510,12 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("count", type=_non_negative_int)
     p = command("logs", "show (and follow) the output of a service's workers")
     p.add_argument("service")
-    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing what follows")
     p.add_argument("-n", "--lines", type=_non_negative_int, default=DEFAULT_LOG_LINES,
                    help=f"last N lines first (default {DEFAULT_LOG_LINES})")
     p.add_argument("--worker", type=_non_negative_int, help="only this worker index")
     p = command("events", "show (and follow) lifecycle events")
-    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing what follows")
     p.add_argument("-n", "--lines", type=_non_negative_int, default=0,
                    help="at most the last N events of the history (default: all kept)")
     p = command("probe", "exit 0 when the agent (or a service) is live/ready, else 1")
