@@ -326,7 +326,7 @@ class AgentCore:
         plus the time a backoff takes. Readiness only changes with an event, so it is
         re-checked after each one.
         """
-        bound = self._applied.services[service].ready_timeout + START_WAIT_MARGIN
+        bound = self._service(service).spec.ready_timeout + START_WAIT_MARGIN
         sub = self.events.subscribe()
         try:
             async with asyncio.timeout(bound):
