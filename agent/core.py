@@ -246,9 +246,10 @@ class AgentCore:
         if kind == "live":
             if not self.is_live():
                 return False, "loop stalled"
-            given_up = [s for s in self.status(service).services if service and s.state == "fatal"]
-            if given_up:
-                return False, f"{service}: fatal (gave up restarting)"
+            if service is not None:
+                (svc,) = self.status(service).services
+                if svc.state == ServiceState.FATAL:
+                    return False, f"{service}: fatal (gave up restarting)"
             return True, "loop responsive"
         if self.shutting_down:
             return False, "agent is shutting down"
@@ -533,7 +534,11 @@ class AgentCore:
                 about = json.loads(entry.with_suffix(".json").read_text())
             except (OSError, ValueError):
                 continue
-            if text == self.config.text or about.get("path") != self.config.path:
+            if (
+                text == self.config.text
+                or not isinstance(about, dict)
+                or about.get("path") != self.config.path
+            ):
                 continue
             try:
                 self._previous = parse_config(text, self.config.path)
