@@ -295,10 +295,7 @@ class MessageConnection(Connection):
             server.report_error(self, exc)
             return
         if result is not None:
-            try:
-                self.send(result)
-            except Exception as exc:
-                self._reply_failed(exc)
+            self._reply(result)
 
     def _handler_done(self, task: asyncio.Task[Any]) -> None:
         self._busy = False
@@ -309,10 +306,7 @@ class MessageConnection(Connection):
             else:
                 result = task.result()
                 if result is not None:
-                    try:
-                        self.send(result)
-                    except Exception as send_exc:
-                        self._reply_failed(send_exc)
+                    self._reply(result)
         queue = self._queue
         while queue and not self._busy and not self._closed:
             self._handle(queue.popleft())
@@ -322,11 +316,13 @@ class MessageConnection(Connection):
         if self._close_when_idle and self._idle():
             self.close()
 
-    def _reply_failed(self, exc: Exception) -> None:
-        """What a handler returned could not be sent (a dict on text://: TypeError).
-
-        The reply is dropped like data sent after close (a `send_fail`) and reported as
-        the handler's error; the connection and its queued messages carry on.
+    def _reply(self, result: Any) -> None:
+        """Send what a handler returned. One the protocol cannot encode (a dict on
+        text://: TypeError) is dropped like data sent after close (a `send_fail`) and
+        reported as the handler's error; the connection and its queued messages carry on.
         """
-        self.stats.send_fail += 1
-        self.server.report_error(self, exc)
+        try:
+            self.send(result)
+        except Exception as exc:
+            self.stats.send_fail += 1
+            self.server.report_error(self, exc)
