@@ -46,10 +46,12 @@ SERVICE_NAME = "svcd.v1.Agent"
 
 #: Exceptions of the core -> gRPC status code; the first matching row wins, so
 #: subclasses come before their bases. svctl: NOT_FOUND/INVALID_ARGUMENT -> exit 2,
-#: ABORTED/FAILED_PRECONDITION -> exit 1.
+#: ABORTED/FAILED_PRECONDITION -> exit 1. A broken config file is not a bad request
+#: (the request names no file) but a state the reload cannot proceed from: SPEC's
+#: "the action failed" (exit 1), with nothing changed.
 ERROR_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (UnknownService, grpc.StatusCode.NOT_FOUND),
-    (ConfigRejected, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConfigRejected, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (ActionFailed, grpc.StatusCode.ABORTED),
     (ReloadFailed, grpc.StatusCode.ABORTED),

@@ -4,9 +4,9 @@ Speaks only gRPC (svcd.v1.Agent on the agent's control socket, or on a TCP addre
 with mTLS); never imports supervisor/. `discover` reads etcd directly (agent.discovery),
 asking the agent only for the etcd endpoints when none are given.
 
-Exit codes (SPEC.md): 0 done; 1 the action failed (rolled back where that applies);
-2 usage error, unknown service or rejected config; 3 agent unreachable; 4 permission
-denied.
+Exit codes (SPEC.md): 0 done; 1 the action failed (rolled back where that applies; a
+reload of a broken config file changes nothing and is 1 too); 2 usage error or unknown
+service; 3 agent unreachable; 4 permission denied.
 
 Hot path: `svctl status` is timed against `supervisorctl status` (issue 2, bench/
 supervisor/bench_status.py), and a short-lived process pays for every import. It loads

@@ -261,7 +261,7 @@ async def test_reload_rejects_a_broken_config_and_keeps_running(agent: Agent) ->
     text = agent.config.read_text().replace("count = 2", "count = 0")
     agent.config.write_text(text + "\nbogus_key = 1\n")
     err = await expect_code(
-        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
         agent.stub.Reload(pb.ReloadRequest(), timeout=TIMEOUT).read(),
     )
     details = err.details() or ""
@@ -392,7 +392,7 @@ async def test_registry_info_secrets_follow_the_policy(may_see: bool) -> None:
     ("error", "code"),
     [
         (UnknownService("x"), grpc.StatusCode.NOT_FOUND),
-        (ConfigRejected(["a: b: c"]), grpc.StatusCode.INVALID_ARGUMENT),
+        (ConfigRejected(["a: b: c"]), grpc.StatusCode.FAILED_PRECONDITION),
         (InvalidRequest("bad"), grpc.StatusCode.INVALID_ARGUMENT),
         (ActionFailed("no"), grpc.StatusCode.ABORTED),
         (ReloadFailed("rolled back"), grpc.StatusCode.ABORTED),

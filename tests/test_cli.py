@@ -381,10 +381,10 @@ async def test_reload_dry_run_prints_the_plan(agent: Agent) -> None:
     assert (await agent.status())["services"][0]["desired"] == 2
 
 
-async def test_reload_of_a_broken_config_is_exit_2_and_lists_problems(agent: Agent) -> None:
+async def test_reload_of_a_broken_config_is_exit_1_and_lists_problems(agent: Agent) -> None:
     agent.config.write_text(agent.config.read_text().replace("count = 2", "count = 0") + "x = 1\n")
     code, out, err = await agent.run("reload")
-    assert code == 2, (out, err)
+    assert code == 1, (out, err)  # SPEC: 1 = the action failed (nothing changed)
     assert err.startswith("svctl: config rejected:\n")
     assert "services.api.count" in err and len(err.splitlines()) >= 3
 
