@@ -14,6 +14,8 @@ Systems (each the way its users run it):
 - `svcd-core`: svcd + examples/hello.py (server_core), `svctl reload`
 - `svcd-core-surge2`: the same with `max_surge = 2` (both slots roll at once)
 - `svcd-core-preload`: the same with `preload = true` (workers forked from a template)
+- `svcd-core-preload-api`: the same, reloaded by a call on an open control-API channel
+  instead of a new `svctl` process (the reload itself, as `kill -HUP` is for the peers)
 - `svcd-gunicorn`: svcd + `gunicorn --preload --workers 1` per svcd worker, `svctl reload`
 - `svcd-uvicorn`: svcd + tests/programs/uvicorn_launcher.py, `svctl reload`
 - `svcd-uvicorn-fd` (only with `--only`): svcd + `uvicorn --fd 3`, `ready = "started"`:
@@ -251,6 +253,34 @@ class SvcdCorePreload(SvcdCore):
     service_extra = "preload = true\n"
 
 
+class SvcdCorePreloadApi(SvcdCorePreload):
+    """The same, reloaded through the control API from a client that is already running
+    (a deploy tool's way; the counterpart of `kill -HUP` for gunicorn and uvicorn):
+    the reload's own time, without svctl's interpreter and grpcio start-up."""
+
+    name = "svcd-core-preload-api"
+
+    def start(self) -> None:
+        super().start()
+        import grpc  # the dev venv's; only this system needs it in the bench process
+
+        from agent._pb import agent_pb2, agent_pb2_grpc
+
+        self._request = agent_pb2.ReloadRequest(service="web")
+        channel = grpc.insecure_channel(f"unix://{self.socket}")
+        self._stub = agent_pb2_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
+        self.procs.on_close(channel.close)
+
+    def reload(self) -> None:
+        results = [u.result for u in self._stub.Reload(self._request, timeout=120)
+                   if u.WhichOneof("update") == "result"]
+        if not results or not results[-1].ok:
+            raise BenchError(f"Reload API call: {results}")
+
+    def command(self) -> str:
+        return "Agent.Reload(service=web) on an open channel"
+
+
 class SvcdGunicorn(Svcd):
     name = "svcd-gunicorn"
     needs = ("gunicorn",)
@@ -420,12 +450,13 @@ class Circus(System):
 
 SYSTEMS: dict[str, type[System]] = {
     cls.name: cls
-    for cls in (SvcdCore, SvcdCoreSurge2, SvcdCorePreload, SvcdGunicorn, SvcdUvicorn, SvcdUvicornFd,
+    for cls in (SvcdCore, SvcdCoreSurge2, SvcdCorePreload, SvcdCorePreloadApi,
+                SvcdGunicorn, SvcdUvicorn, SvcdUvicornFd,
                 Gunicorn, Uvicorn, Pm2Cluster, Circus)
 }
 #: run only when named in --only: they show what not to do, not a peer
 OPT_IN = ("svcd-uvicorn-fd",)
-SVCD_SYSTEMS = ("svcd-core", "svcd-core-preload", "svcd-gunicorn")
+SVCD_SYSTEMS = ("svcd-core", "svcd-core-preload", "svcd-core-preload-api", "svcd-gunicorn")
 
 
 # --- svcd's own timeline --------------------------------------------------------------
