@@ -291,6 +291,9 @@ class Daemon:
                     core.registry.close(),  # type: ignore[attr-defined]
                     max(0.1, deadline - time.monotonic()),
                 )
+        # `events -f` followers get the last `stopped` events, then a clean end of
+        # stream (as `logs -f` does when the log store closes), not a cancelled call
+        self.events.close()
         for closer in (
             metrics.stop if metrics else None,
             embedded.stop if embedded else None,

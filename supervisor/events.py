@@ -82,6 +82,7 @@ class Subscription:
         self._bus = bus
         self._queue: collections.deque[Event] = collections.deque(maxlen=maxsize)
         self._wakeup = asyncio.Event()
+        self._ended = False
         self.dropped = 0
 
     def _push(self, event: Event) -> None:
@@ -104,11 +105,22 @@ class Subscription:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Event]:
+        """Every queued event, then the ones that follow; ends after the bus is closed
+        and the queue is empty."""
         try:
             while True:
-                yield await self.get()
+                while not self._queue:
+                    if self._ended:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                yield self._queue.popleft()
         finally:
             self.close()
+
+    def _end(self) -> None:
+        self._ended = True
+        self._wakeup.set()
 
 
 class EventBus:
@@ -117,6 +129,7 @@ class EventBus:
     def __init__(self, history: int = HISTORY_SIZE) -> None:
         self._history: collections.deque[Event] = collections.deque(maxlen=history)
         self._subscribers: set[Subscription] = set()
+        self._closed = False
 
     def publish(self, event: Event) -> None:
         """Record and fan out `event`; never blocks, never raises."""
@@ -140,5 +153,17 @@ class EventBus:
         sub = Subscription(self, maxsize)
         for event in replay:
             sub._push(event)
-        self._subscribers.add(sub)
+        if self._closed:
+            sub._end()
+        else:
+            self._subscribers.add(sub)
         return sub
+
+    def close(self) -> None:
+        """End every subscription (its iterator finishes after what is queued), so a
+        follower sees the end of the stream rather than a broken one; later events are
+        still recorded. Idempotent."""
+        self._closed = True
+        for sub in list(self._subscribers):
+            sub._end()
+        self._subscribers.clear()

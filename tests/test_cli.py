@@ -530,6 +530,34 @@ def test_follow_events_until_interrupted(svcd: AgentProcess) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("command", [("events", "-f"), ("logs", "api", "-f")],
+                         ids=["events", "logs"])
+def test_followers_end_cleanly_when_the_agent_stops(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """A graceful agent stop ends `-f` streams like `docker logs -f` ends: exit 0, the
+    last lines delivered (the workers' `stopped` events), no "cannot reach" error."""
+    with AgentProcess(tmp_path, api_service(free_port())) as proc:
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "--socket", proc.socket, *command, "-n", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        try:
+            assert follower.stdout is not None
+            assert follower.stdout.readline()  # the replayed line: the stream is open
+            assert proc.stop() == 0
+            out, err = follower.communicate(timeout=TIMEOUT)
+            assert follower.returncode == 0, err
+            assert err == ""
+            if command[0] == "events":
+                assert "stopped" in out
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait(TIMEOUT)
+
+
+@pytest.mark.slow
 def test_discover_reads_etcd(tmp_path: Path, etcd: EtcdServer) -> None:
     """Endpoints come from etcd: through the agent's RegistryInfo, or from --etcd."""
     port = free_port()

@@ -121,3 +121,17 @@ async def test_a_raising_event_consumer_does_not_hurt(tmp_path: Path) -> None:
         worker._on_change = broken
         worker.replace("test")
         await wait_for(lambda: worker.ready and worker.pid != first, 10, "replaced anyway")
+
+
+async def test_closing_the_event_bus_ends_its_followers_after_what_is_queued() -> None:
+    bus = EventBus()
+    sub = bus.subscribe()
+    bus.emit("stopped", service="web")
+    bus.close()
+    bus.emit("late", service="web")  # recorded, but nobody follows any more
+    async with asyncio.timeout(TEST_TIMEOUT):
+        seen = [event.type async for event in sub]
+        assert seen == ["stopped"]
+        assert [event.type async for event in bus.subscribe(replay=bus.history())] == [
+            "stopped", "late",
+        ]
