@@ -32,8 +32,9 @@ from agent.config import (
     Config,
     ConfigError,
     ReloadPlan,
+    config_from_data,
+    config_to_data,
     load_config,
-    parse_config,
     plan,
 )
 from agent.errors import ActionFailed, ConfigRejected, InvalidRequest, UnknownService
@@ -495,56 +496,52 @@ class AgentCore:
         return Path(self.config.agent.state_dir) / "configs"
 
     def _record_history(self, outcome: str) -> None:
-        """Keep the applied config text with time and outcome (bounded; never raises)."""
+        """Keep the applied config with time and outcome (bounded; never raises).
+
+        The entry holds the config that runs (`config_to_data`), not the file's text:
+        after a partly failed reload the two differ, and includes change on disk.
+        """
         try:
             directory = self._history_dir()
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 10**9:09d}"
-            (directory / f"{stamp}.toml").write_text(self._applied.text)
-            (directory / f"{stamp}.json").write_text(
-                json.dumps(
-                    {
-                        "time": time.time(),
-                        "path": self._applied.path,
-                        "outcome": outcome,
-                        "services": sorted(self._applied.services),
-                    }
-                )
-            )
-            entries = sorted(directory.glob("*.toml"))
-            for old in entries[:-HISTORY_KEEP]:
+            entry = {
+                "time": time.time(),
+                "path": self._applied.path,
+                "outcome": outcome,
+                "services": sorted(self._applied.services),
+                "config": config_to_data(self._applied),
+            }
+            (directory / f"{stamp}.json").write_text(json.dumps(entry))
+            for old in sorted(directory.glob("*.json"))[:-HISTORY_KEEP]:
                 old.unlink(missing_ok=True)
-                old.with_suffix(".json").unlink(missing_ok=True)
+                old.with_suffix(".toml").unlink(missing_ok=True)  # the layout before 0.1.0
         except OSError as exc:
             log.warning("could not record config history: %s", exc)
 
     def load_previous_from_history(self) -> None:
-        """At start-up, remember the last config applied before this run (for --previous).
+        """At start-up, remember the last config that ran before this one (for --previous):
+        the newest entry whose services differ from the ones starting now.
 
         Only configs applied from this agent's own config file count: root's default
         state dir is shared by every agent on the host.
         """
         try:
-            entries = sorted(self._history_dir().glob("*.toml"))
+            entries = sorted(self._history_dir().glob("*.json"))
         except OSError:
             return
         for entry in reversed(entries):
             try:
-                text = entry.read_text()
-                about = json.loads(entry.with_suffix(".json").read_text())
-            except (OSError, ValueError):
+                about = json.loads(entry.read_text())
+                if not isinstance(about, dict) or about.get("path") != self.config.path:
+                    continue
+                config = config_from_data(about.get("config"))
+            except (OSError, ValueError) as exc:
+                log.debug("config history: skipping %s: %s", entry.name, exc)
                 continue
-            if (
-                text == self.config.text
-                or not isinstance(about, dict)
-                or about.get("path") != self.config.path
-            ):
-                continue
-            try:
-                self._previous = parse_config(text, self.config.path)
-            except ConfigError:
-                continue
-            return
+            if config.services != self._applied.services:
+                self._previous = config
+                return
 
 
 def _last_exit(status: ServiceStatus) -> str:

@@ -214,6 +214,31 @@ def test_previous_outlives_a_restart_and_belongs_to_its_config_file(tmp_path: Pa
         assert alien.returncode == 1 and "no previous config" in alien.stderr, alien
 
 
+def test_previous_after_a_restart_is_the_config_that_ran(tmp_path: Path) -> None:
+    """The history keeps the applied config, not the main file's text: a change made only
+    in an included file, and a rolled-back reload (which changed nothing), read back as
+    they ran."""
+    agent = AgentProcess(tmp_path, api_service(free_port(), count=1))
+    agent.config.write_text('include = ["conf.d/*.toml"]\n' + agent.config.read_text())
+    (tmp_path / "conf.d").mkdir()
+    included = tmp_path / "conf.d" / "w.toml"
+    w_service = api_service(free_port(), count=1).replace("[services.api]", "[services.w]")
+    included.write_text(w_service + 'env = { V = "1" }\n')
+    with agent:
+        included.write_text(w_service + 'env = { V = "2" }\n')
+        assert agent.svctl("reload").returncode == 0
+        good = agent.config.read_text()
+        agent.config.write_text(good.replace(worker_command(), worker_command("--exit-code", "1")))
+        assert agent.svctl("reload").returncode == 1  # rolled back
+        agent.config.write_text(good)
+    with agent:  # restarted on V = "2": before it ran V = "1", with api as it is
+        plan = agent.svctl("reload", "--previous", "--dry-run")
+        assert plan.returncode == 0, plan
+        lines = plan.stdout.splitlines()
+        assert any(x.startswith("~ w") and "env changed (V)" in x for x in lines), lines
+        assert not any(x.startswith(("- ", "~ api")) for x in lines), lines
+
+
 def test_check_config_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(

@@ -25,6 +25,7 @@ The modules, each with one job (a module imports only those above it):
 - `crosschecks`: listeners that collide across services and the agent
 - `service_parts`, `services`, `settings`: the sections of a config file
 - `load`: `parse_config`, `load_config`; `plan`: reload plans; `check`: check-config
+- `snapshot`: a `Config` as JSON data and back (the agent's config history)
 Only the names below are the package's interface; the modules are its inside.
 """
 
@@ -40,6 +41,7 @@ from agent.config.model import (
 )
 from agent.config.plan import Change, ReloadPlan, ServicePlan, plan
 from agent.config.services import MAX_WORKERS as MAX_WORKERS
+from agent.config.snapshot import config_from_data, config_to_data
 
 __all__ = [
     "AgentSettings",
@@ -51,6 +53,8 @@ __all__ = [
     "ReloadPlan",
     "ServicePlan",
     "check_config_main",
+    "config_from_data",
+    "config_to_data",
     "load_config",
     "parse_config",
     "plan",
