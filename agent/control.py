@@ -21,7 +21,10 @@ Invariants:
   live socket, so without it two agents could fight over one socket.
 - The socket's directory is owned by the agent's user (or root) and writable by no one
   else (created 0700 if absent); the socket appears with its final mode (bound under a
-  temporary name, chmod-ed, then renamed into place).
+  temporary name, chmod-ed, then renamed into place). A file at the socket path that is
+  not a socket is never replaced: the start fails.
+- Several agents may keep their sockets in one directory: private dirs carry the
+  agent's pid, and a starting agent removes only those of agents no longer running.
 - The splice is bounded: at most MAX_CONNECTIONS allowed callers at once, and each side
   stops reading while the other side's write buffer is full (transport flow control).
 - Refused callers have a budget of their own (MAX_REFUSED_CONNECTIONS; a new one closes
@@ -65,6 +68,7 @@ from grpc_reflection.v1alpha import reflection
 from agent.api import SERVICE_NAME as AGENT_SERVICE_NAME
 from agent.api import AgentServicer
 from agent.health_service import AgentHealth
+from supervisor.reaper import process_alive
 
 if TYPE_CHECKING:
     from agent.core import AgentCore
@@ -409,6 +413,7 @@ class ControlServer:
         directory = self.socket_path.parent
         self._prepare_directory(directory)
         self._take_lock()
+        self._refuse_a_non_socket()
         self._remove_stale_internal_dirs(directory)
         self._private_dir = self._make_private_dir(directory)
         agent_sock = self._private_dir / "agent.sock"
@@ -538,17 +543,37 @@ class ControlServer:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
+    def _refuse_a_non_socket(self) -> None:
+        """A file at the socket path that is not a socket is someone's data: never
+        replace it (a stale socket of ours is replaced atomically later)."""
+        try:
+            mode = os.lstat(self.socket_path).st_mode
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ControlSocketError(f"cannot use {self.socket_path}: {exc.strerror}") from exc
+        if not stat.S_ISSOCK(mode):
+            raise ControlSocketError(
+                f"{self.socket_path} exists and is not a socket: refusing to replace it"
+            )
+
     def _remove_stale_internal_dirs(self, directory: Path) -> None:
-        """Private dirs left by an agent that was killed (we hold the lock: none is live)."""
+        """Private dirs left by agents that were killed. Several agents may keep their
+        sockets in one directory (each holds its own socket's lock), so only the dirs of
+        agents no longer running go: the pid is in the name."""
         for stale in directory.glob(f"{INTERNAL_DIR_PREFIX}*"):
+            pid = stale.name[len(INTERNAL_DIR_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and process_alive(int(pid)):
+                continue
             if stale.is_dir() and not stale.is_symlink() and stale.stat().st_uid == os.geteuid():
                 shutil.rmtree(stale, ignore_errors=True)
 
     def _make_private_dir(self, directory: Path) -> Path:
         # next to the socket when the paths fit, else in $TMPDIR; mkdtemp makes it 0700
-        longest = len(str(directory)) + len(INTERNAL_DIR_PREFIX) + 8 + len("/denied.sock") + 1
+        prefix = f"{INTERNAL_DIR_PREFIX}{os.getpid()}-"
+        longest = len(str(directory)) + 1 + len(prefix) + 8 + len("/denied.sock")
         where = directory if longest <= MAX_UNIX_PATH else None
-        return Path(tempfile.mkdtemp(prefix=INTERNAL_DIR_PREFIX, dir=where))
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=where))
 
     def _new_server(self, interceptors: Sequence[_Interceptor] = ()) -> grpc.aio.Server:
         server = grpc.aio.server(

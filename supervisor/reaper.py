@@ -237,6 +237,17 @@ def signal_process(pid: int, sig: int) -> bool:
     return True
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (somebody else's counts: signal 0 was refused)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 async def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
     """Async spelling of `signal_group` (for call sites inside coroutines)."""
     return signal_group(pgid, sig)

@@ -35,7 +35,7 @@ from supervisor.errors import UnknownService
 from supervisor.events import EventBus
 from supervisor.health import CheckFn, default_checks
 from supervisor.listeners import ListenerSet
-from supervisor.reaper import Reaper
+from supervisor.reaper import Reaper, process_alive
 from supervisor.service import Progress, Service, ServiceDeps
 from supervisor.spec import ServiceSpec
 from supervisor.status import ServiceStatus
@@ -172,17 +172,8 @@ def _remove_stale_run_dirs(parent: Path) -> None:
     with contextlib.suppress(OSError):
         for entry in parent.iterdir():
             pid = entry.name
-            if entry.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            if entry.is_dir() and pid.isdigit() and not process_alive(int(pid)):
                 shutil.rmtree(entry, ignore_errors=True)
             elif entry.suffix == ".notify" and not entry.is_dir():
                 entry.unlink(missing_ok=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # somebody else's process: alive
-        return True
-    return True

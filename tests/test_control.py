@@ -182,6 +182,29 @@ async def test_lock_released_at_stop_and_stale_socket_replaced(
         assert not (sock_path.parent / ".svcd-internal-leftover").exists()
 
 
+async def test_agents_with_sockets_in_one_directory_leave_each_other_alone(
+    core: AgentCore, server: ControlServer, sock_path: Path
+) -> None:
+    """A starting agent removes the private dirs of dead agents only, not a neighbour's."""
+    dead = sock_path.parent / ".svcd-internal-999999999-gone"  # beyond any pid_max
+    dead.mkdir()
+    async with ControlServer(core, sock_path.with_name("other.sock")):
+        for path in (sock_path, sock_path.with_name("other.sock")):
+            result = await asvctl(path, "probe", "live")
+            assert result.returncode == 0, (path, result.stderr)
+        assert not dead.exists()
+
+
+async def test_refuses_to_replace_a_file_that_is_not_a_socket(
+    core: AgentCore, sock_path: Path
+) -> None:
+    sock_path.parent.mkdir(mode=0o700)
+    sock_path.write_text("precious\n")  # noqa: ASYNC240
+    with pytest.raises(ControlSocketError, match="exists and is not a socket"):
+        await ControlServer(core, sock_path).start()
+    assert sock_path.read_text() == "precious\n"  # noqa: ASYNC240
+
+
 @pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
 async def test_refuses_a_directory_others_can_write(
     core: AgentCore, tmp_path: Path, mode: int
