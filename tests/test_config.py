@@ -553,6 +553,7 @@ ERRORS = [
     (MINIMAL + "[registry]\nendpoints = 'embedded'\nttll = 3\n", "registry.ttll", '"ttl"'),
     (MINIMAL + "[agnet]\nname = 'x'\n", "agnet", 'did you mean "agent"?'),
     ("include = 'nope.toml'\n" + MINIMAL, "include[0]", "no such file"),
+    ("include = '.'\n" + MINIMAL, "include[0]", "is a directory (did you mean"),
     ("include = [3]\n" + MINIMAL, "include[0]", "must be a string"),
 ]
 

@@ -176,6 +176,11 @@ class Loader:
                 table.problem(key, f"matches more than {MAX_INCLUDE_FILES} files")
                 return []
             return sorted(found)
+        if os.path.isdir(absolute):
+            # `include = ["conf.d"]` would otherwise include nothing, silently
+            hint = show(os.path.join(pattern, "*.toml"))
+            table.problem(key, f"{show(pattern)} is a directory (did you mean {hint}?)")
+            return []
         if os.path.exists(absolute):
             return [absolute]
         table.problem(key, f"no such file: {show(pattern)}")
