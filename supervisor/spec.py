@@ -148,7 +148,9 @@ class ServiceSpec:
         """True when going from self to `other` needs new processes.
 
         Health, backoff, log rotation, count and registry settings apply live; anything
-        that changes how a worker process is started needs a rolling reload.
+        that changes how a worker process is started needs a rolling reload. That
+        includes `graceful_timeout`: a worker gets its drain bound from it at spawn
+        (SVCD_DRAIN_TIMEOUT), and the agent's SIGKILL must not come before that bound.
         """
         if self.health.needs_private_listener != other.health.needs_private_listener:
             return True  # the private `svcd-health` fd is part of how a worker starts
@@ -166,6 +168,7 @@ ROLLOUT_FIELDS: tuple[str, ...] = (
     "stop_signal",
     "listen",
     "watchdog",
+    "graceful_timeout",
     "umask",
     "rlimits",
     "preload",

@@ -94,9 +94,9 @@ def test_live_changes_show_old_and_new_values(tmp_path: Path) -> None:
 
 
 def test_live_categories_from_the_spec(tmp_path: Path) -> None:
-    # backoff, logs, registry settings and timeouts apply to running workers
+    # backoff, logs, registry settings and ready_timeout apply to running workers
     extra = (
-        "graceful_timeout = 10\nready_timeout = 5\n"
+        "ready_timeout = 5\n"
         "[services.db.backoff]\nmax = 5\n[services.db.logs]\nbackups = 1\n"
         "[services.db.registry]\nderegister_delay = 3\n"
     )
@@ -104,12 +104,18 @@ def test_live_categories_from_the_spec(tmp_path: Path) -> None:
     result = plan(config(tmp_path, BASE), config(tmp_path, changed))
     (db,) = result.live
     assert {c.key for c in db.changes} == {
-        "graceful_timeout",
         "ready_timeout",
         "backoff.max",
         "logs.backups",
         "deregister_delay",
     }
+
+
+def test_graceful_timeout_rolls_as_the_workers_drain_bound_comes_from_it(tmp_path: Path) -> None:
+    changed = BASE.replace('command = ["db"]', 'command = ["db"]\ngraceful_timeout = 10')
+    result = plan(config(tmp_path, BASE), config(tmp_path, changed))
+    assert [p.name for p in result.rollout] == ["db"] and result.live == ()
+    assert "graceful_timeout 30 -> 10" in result.rollout[0].summary
 
 
 def test_listener_change_is_a_rollout_with_both_sides(tmp_path: Path) -> None:
