@@ -588,7 +588,9 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise rpc_error(exc, target) from None
     except CliError as exc:
         print(f"svctl: {exc.message}", file=sys.stderr)
-        if args.json:  # the reader of stdout gets an object too
+        streaming = getattr(args, "follow", False) or getattr(args, "watch", False)
+        if args.json and not streaming:  # the reader of stdout gets an object too; a
+            # stream's reader expects only its own objects (events, lines) on stdout
             _print_json({"ok": False, "exit_code": exc.code, "error": exc.message})
         return exc.code
     except KeyboardInterrupt:

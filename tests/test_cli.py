@@ -558,6 +558,32 @@ def test_followers_end_cleanly_when_the_agent_stops(
 
 
 @pytest.mark.slow
+def test_a_lost_agent_ends_a_json_stream_with_exit_3_and_nothing_but_events(
+    tmp_path: Path,
+) -> None:
+    """The `{"ok": false, ...}` error object is for one-answer commands; a stream's
+    reader gets only events on stdout (the reason goes to stderr)."""
+    with AgentProcess(tmp_path, api_service(free_port())) as proc:
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "--socket", proc.socket, "events", "-f",
+             "--json", "-n", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        try:
+            assert follower.stdout is not None
+            first = follower.stdout.readline()
+            assert proc.stop(signal.SIGKILL) == -signal.SIGKILL
+            out, err = follower.communicate(timeout=TIMEOUT)
+            assert follower.returncode == 3, err
+            assert "cannot reach svcd" in err
+            assert all("type" in json.loads(line) for line in [first, *out.splitlines()])
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait(TIMEOUT)
+
+
+@pytest.mark.slow
 def test_discover_reads_etcd(tmp_path: Path, etcd: EtcdServer) -> None:
     """Endpoints come from etcd: through the agent's RegistryInfo, or from --etcd."""
     port = free_port()
