@@ -319,17 +319,20 @@ class AgentCore:
         await self._service(service).restart()
         return await self._until_ready(service, "restarted") if wait else f"{service}: starting"
 
-    async def _until_ready(self, service: str, done: str) -> str:
+    async def _until_ready(
+        self, service: str, done: str, sub: Subscription | None = None
+    ) -> str:
         """Wait until `service` is ready, like `systemctl start` of a notify unit.
 
         Raises ActionFailed when one of its workers gives up (a `fatal` event after the
         start: a slot that was FATAL before is retried, not judged by its old state),
         when it is stopped meanwhile, or when it is not ready within its ready_timeout
         plus the time a backoff takes. Readiness only changes with an event, so it is
-        re-checked after each one.
+        re-checked after each one. `sub`, taken before the action began, sees the events
+        of the action itself (it is closed here).
         """
         bound = self._service(service).spec.ready_timeout + START_WAIT_MARGIN
-        sub = self.events.subscribe()
+        sub = sub or self.events.subscribe()
         try:
             async with asyncio.timeout(bound):
                 status = self._service(service).status()
@@ -437,32 +440,20 @@ class AgentCore:
             say = progress or (lambda _line: None)
             failures: list[str] = []
             before = self._applied
-            for name in the_plan.removed:
-                say(f"- {name}: stopping")
-                await self.supervisor.remove_service(name)
-                self._drop_applied_service(name)
-            for name in the_plan.added:
-                say(f"+ {name}: starting")
-                try:
-                    await self.supervisor.add_service(new.services[name])
-                    self._set_applied_service(new.services[name])
-                except Exception as exc:
-                    failures.append(f"{name}: {exc}")
-            rollout = {p.name for p in the_plan.rollout}
-            for name in [p.name for p in (*the_plan.live, *the_plan.rollout)]:
-                say(f"~ {name}: applying")
-                try:
-                    await self.supervisor.update_service(new.services[name])
-                except ReloadFailed as exc:
-                    self._reload_failures[name] = self._reload_failures.get(name, 0) + 1
-                    failures.append(f"{name}: rolled back: {exc.reason}")
-                    continue
-                except Exception as exc:
-                    failures.append(f"{name}: {exc}")
-                    continue
-                if name in rollout:
-                    self._reloads[name] = self._reloads.get(name, 0) + 1
-                self._set_applied_service(new.services[name])
+            # like `svctl start`, a reload is done when what it started is ready: added
+            # services and live count increases (rollouts wait for readiness themselves)
+            grown = [
+                name for name in (p.name for p in the_plan.live)
+                if new.services[name].count > before.services[name].count
+                and self._service(name).status().state != ServiceState.STOPPED
+            ]
+            watches = {name: self.events.subscribe() for name in (*the_plan.added, *grown)}
+            try:
+                failures.extend(await self._apply_steps(new, the_plan, say))
+                failures.extend(await self._until_all_ready(watches, say))
+            finally:
+                for sub in watches.values():
+                    sub.close()
             self._applied = dataclasses.replace(
                 new, services=dict(self._applied.services)
             )
@@ -479,6 +470,59 @@ class AgentCore:
             if failures:
                 return ReloadOutcome(False, "; ".join(failures), the_plan.lines())
             return ReloadOutcome(True, "applied", the_plan.lines())
+
+    async def _apply_steps(
+        self, new: Config, the_plan: ReloadPlan, say: Callable[[str], None]
+    ) -> list[str]:
+        """Remove, add, then change services as `the_plan` says; what failed."""
+        failures: list[str] = []
+        for name in the_plan.removed:
+            say(f"- {name}: stopping")
+            await self.supervisor.remove_service(name)
+            self._drop_applied_service(name)
+        for name in the_plan.added:
+            say(f"+ {name}: starting")
+            try:
+                await self.supervisor.add_service(new.services[name])
+                self._set_applied_service(new.services[name])
+            except Exception as exc:
+                failures.append(f"{name}: {exc}")
+        rollout = {p.name for p in the_plan.rollout}
+        for name in [p.name for p in (*the_plan.live, *the_plan.rollout)]:
+            say(f"~ {name}: applying")
+            try:
+                await self.supervisor.update_service(new.services[name])
+            except ReloadFailed as exc:
+                self._reload_failures[name] = self._reload_failures.get(name, 0) + 1
+                failures.append(f"{name}: rolled back: {exc.reason}")
+                continue
+            except Exception as exc:
+                failures.append(f"{name}: {exc}")
+                continue
+            if name in rollout:
+                self._reloads[name] = self._reloads.get(name, 0) + 1
+            self._set_applied_service(new.services[name])
+        return failures
+
+    async def _until_all_ready(
+        self, watches: Mapping[str, Subscription], say: Callable[[str], None]
+    ) -> list[str]:
+        """Wait (in parallel) until every watched service that runs is ready; the
+        reasons of those that are not. Every subscription is closed."""
+
+        async def one(name: str, sub: Subscription) -> str:
+            if name not in self.supervisor.services:
+                sub.close()  # it could not be added: already a failure
+                return ""
+            try:
+                line = await self._until_ready(name, "ready", sub)
+            except ActionFailed as exc:
+                return str(exc)
+            say(f"  {line}")
+            return ""
+
+        reasons = await asyncio.gather(*(one(n, sub) for n, sub in watches.items()))
+        return [r for r in reasons if r]
 
     def _set_applied_service(self, spec: ServiceSpec) -> None:
         services = dict(self._applied.services)

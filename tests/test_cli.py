@@ -398,6 +398,25 @@ async def test_reload_rolled_back_is_exit_1(agent: Agent) -> None:
     assert (await agent.status())["services"][0]["ready"] == 2
 
 
+async def test_reload_is_done_when_added_services_are_ready_and_fails_if_one_gives_up(
+    agent: Agent,
+) -> None:
+    """Like `svctl start`: a reload that adds a service returns once it is ready, and
+    exit 1 with the reason when it goes fatal (it stays configured, as after a start)."""
+    base = agent.config.read_text()
+    extra = api_service(free_port()).replace("[services.api]", "[services.extra]")
+    agent.config.write_text(base + extra)
+    code, out, err = await agent.run("reload")
+    assert code == 0, (out, err)
+    (svc,) = [s for s in (await agent.status())["services"] if s["name"] == "extra"]
+    assert svc["ready"] == 2, svc
+    broken = api_service(free_port(), count=1, args=("--exit-code", "1"))
+    agent.config.write_text(base + extra + broken.replace("[services.api]", "[services.bad]"))
+    code, out, err = await agent.run("reload")
+    assert code == 1, (out, err)
+    assert "bad: gave up (fatal)" in out.splitlines()[-1], out
+
+
 async def test_reload_previous_without_history_is_exit_1(agent: Agent) -> None:
     code, _, err = await agent.run("reload", "--previous")
     assert code == 1 and "previous" in err
