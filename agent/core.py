@@ -388,7 +388,7 @@ class AgentCore:
                 return ReloadOutcome(True, "dry run", [f"~ {service}: rolling reload (requested)"])
             job = self._reload_one(svc.name, progress)
         else:
-            new = self._read_previous() if previous else self._read_config_file()
+            new = self._read_previous() if previous else self._read_config_file(dry_run)
             the_plan = plan(self._applied, new)
             lines = the_plan.lines()
             if dry_run:
@@ -420,12 +420,13 @@ class AgentCore:
         self._reloads[name] = self._reloads.get(name, 0) + 1
         return ReloadOutcome(True, f"{name}: reloaded (generation {svc.status().generation})", [])
 
-    def _read_config_file(self) -> Config:
+    def _read_config_file(self, dry_run: bool = False) -> Config:
         try:
             return load_config(self.config.path)
         except ConfigError as exc:
             problems = [str(p) for p in exc.problems]
-            self.events.emit("config_rejected", message="; ".join(problems))
+            if not dry_run:  # a dry run is a question: it leaves no trace in the events
+                self.events.emit("config_rejected", message="; ".join(problems))
             raise ConfigRejected(problems) from None
 
     def _read_previous(self) -> Config:

@@ -389,6 +389,18 @@ async def test_reload_of_a_broken_config_is_exit_1_and_lists_problems(agent: Age
     assert "services.api.count" in err and len(err.splitlines()) >= 3
 
 
+async def test_a_rejected_config_is_an_event_unless_it_was_a_dry_run(agent: Agent) -> None:
+    agent.config.write_text(agent.config.read_text() + "x = 1\n")
+
+    def rejections() -> int:
+        return sum(e.type == "config_rejected" for e in agent.core.events_history())
+
+    assert (await agent.run("reload", "--dry-run"))[0] == 1
+    assert rejections() == 0
+    assert (await agent.run("reload"))[0] == 1
+    assert rejections() == 1
+
+
 async def test_reload_rolled_back_is_exit_1(agent: Agent) -> None:
     text = agent.config.read_text().split("[services.api]")[0]
     agent.config.write_text(text + api_service(agent.port, args=("--exit-code", "1")))
