@@ -77,14 +77,20 @@ class Backoff:
         """Forget every failure (an explicit start by the operator)."""
         self._failures = 0
 
-    def after_exit(self) -> RestartDecision:
-        """The process ended on its own: how long to wait, and whether that is fatal."""
+    def after_exit(self, *, may_give_up: bool = True) -> RestartDecision:
+        """The process ended: how long to wait, and whether that is fatal.
+
+        `may_give_up=False` is for a process that had started fine (it was ready) and
+        was replaced by the agent (failing checks, memory, watchdog): its delays grow
+        the same, but it never turns fatal. A dependency that fails every worker's check
+        must not leave the service down for `fatal_retry` after it recovered.
+        """
         if self.stable():
             self._failures = 0
         self._started_at = None
         self._failures += 1
         n = self._failures
-        if n >= self.spec.start_limit:
+        if n >= self.spec.start_limit and may_give_up:
             # stay at the limit so that a quick failure after the slow retry is fatal again
             self._failures = self.spec.start_limit
             return RestartDecision(

@@ -26,7 +26,8 @@ EXITED; `on-failure` -> stays EXITED after a clean end (exit code 0, or SIGHUP, 
 SIGTERM, SIGPIPE as with systemd); otherwise `Backoff` decides
 (BACKOFF, or FATAL with a slow retry). A replacement the agent asked for (health
 failure with on_failure=restart, missed watchdog, max_memory, not ready within
-ready_timeout) restarts whatever the policy, paced by the same Backoff.
+ready_timeout) restarts whatever the policy, paced by the same Backoff; only the last
+(a start that failed) can make the slot FATAL: a worker that was ready had started fine.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class _Process:
     sampler: TreeSampler | None = None
     notified_ready: bool = False
     health_passed: bool = False
+    was_ready: bool = False  # it reached RUNNING: whatever ends it, it had started fine
     stopping: bool = False  # the worker sent STOPPING=1 on its own
     last_ping: float = 0.0
     next_sample: float = 0.0
@@ -149,6 +151,7 @@ class _Ended:
     status: ExitStatus | None  # None: it never started (spawn failed) or is stuck
     requested_stop: bool = False
     replaced: str = ""  # the agent replaced it, and why
+    was_ready: bool = False  # it had become ready before it ended
     spawn_error: str = ""  # it cannot be started at all: FATAL at once
     start_failed: str = ""  # this start failed (preload template): backoff
 
@@ -418,6 +421,7 @@ class Worker:
                     self._sample(proc)
                     proc.next_sample = now + SAMPLE_INTERVAL
                     self._set_state(WorkerState.RUNNING, "ready", message=self._ready_how())
+                    proc.was_ready = True
                     proc.last_ping = now
                     if proc.monitor is None:
                         self._start_monitor(proc)  # checks judge a worker once it is ready
@@ -646,7 +650,9 @@ class Worker:
             fields["signal"] = status.signal_name or None  # None when it exited
         # STARTING/RUNNING/STOPPING -> EXITED: reaped
         self._set_state(WorkerState.EXITED, "exited", message=message, **fields)
-        return _Ended(status, requested_stop=requested_stop, replaced=replaced)
+        return _Ended(
+            status, requested_stop=requested_stop, replaced=replaced, was_ready=proc.was_ready
+        )
 
     async def _drain_output(self, proc: _Process) -> None:
         """Before the exit is told: wait (bounded) until nothing of the process group is
@@ -665,7 +671,8 @@ class Worker:
     def _decide(self, ended: _Ended) -> RestartDecision | None:
         """After a process ended by itself or was replaced: wait and restart, or not."""
         if ended.replaced:
-            return self._backoff.after_exit()
+            # a ready worker the agent replaced is not a failed start: never fatal
+            return self._backoff.after_exit(may_give_up=not ended.was_ready)
         if ended.spawn_error:
             return self._backoff.give_up(f"cannot start: {ended.spawn_error}")
         if ended.start_failed:

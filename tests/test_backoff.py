@@ -78,6 +78,21 @@ def test_start_limit_is_fatal_and_slow_retry_fails_fast() -> None:
     assert policy.after_exit() == RestartDecision(0.0, False, 1)
 
 
+def test_replacements_of_a_ready_worker_pace_but_never_give_up() -> None:
+    clock = Clock()
+    policy = Backoff(SPEC, clock=clock)
+    delays = []
+    for _ in range(SPEC.start_limit + 3):
+        policy.started()
+        clock.now += 0.5
+        decision = policy.after_exit(may_give_up=False)
+        assert not decision.fatal
+        delays.append(decision.delay)
+    assert delays == [0.0, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0]  # paced, capped at max
+    policy.started()
+    assert policy.after_exit().fatal  # a failed start after them still counts
+
+
 def test_give_up_and_reset() -> None:
     clock = Clock()
     policy = Backoff(SPEC, clock=clock)

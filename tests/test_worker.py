@@ -332,6 +332,29 @@ async def test_health_failure_restarts(tmp_path: Path) -> None:
         assert events_of(sup.events, "unhealthy", "h:0")
 
 
+async def test_failing_checks_replace_a_worker_but_never_make_it_fatal(tmp_path: Path) -> None:
+    """A shared dependency down: every replacement is paced by the backoff, but a worker
+    that started fine is not a failed start, so the slot never gives up, and it serves
+    again as soon as its check passes."""
+    flag = tmp_path / "fail"
+    flag.touch()
+    limit = 3
+    backoff = dataclasses.replace(FAST_BACKOFF, start_limit=limit, max=0.2)
+    async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
+        svc = await sup.add_service(worker_spec(
+            "h", "--health-fail-file", str(flag), health=health(), backoff=backoff))
+
+        def replaced() -> int:
+            return sum("health check failing" in e.message
+                       for e in events_of(sup.events, "stopping", "h:0"))
+
+        await wait_for(lambda: replaced() > limit + 1, 30, "replacements beyond start_limit")
+        assert not events_of(sup.events, "fatal", "h:0")
+        flag.unlink()
+        worker = svc.workers[0]
+        await wait_for(lambda: worker.health == "passing" and worker.ready, 15, "serving again")
+
+
 async def test_health_failure_unready_then_ready(tmp_path: Path) -> None:
     flag = tmp_path / "fail"
     async with asyncio.timeout(TEST_TIMEOUT), running(tmp_path) as sup:
