@@ -1,9 +1,12 @@
 """Rolling reload under load: svcd against PM2, gunicorn, uvicorn and circus (issue 4).
 
-    .venv/bin/python bench/reload/run.py [--rounds 10] [--peer-rounds 3] [--only NAMES]
+    .venv/bin/python bench/reload/run.py [--rounds 10] [--peer-rounds 3] [--steady-runs 3]
+                                         [--only NAMES]
 
-For every system, 2 workers on 127.0.0.1 under `wrk -t1 -c50 -d20s --latency`: one
-steady run without a reload, then `rounds` runs with a reload at ~5 s and ~12 s. Per
+For every system, 2 workers on 127.0.0.1 under `wrk -t1 -c50 -d20s --latency`:
+`steady-runs` runs without a reload (the one with the median p99 is the baseline: one
+run's p99 moves by 1.5x on this noisy machine), then `rounds` runs with a reload at
+~5 s and ~12 s. Per
 run: wrk's socket errors (connect, read, write, timeout) + non-2xx responses, p99 and
 max latency, req/s; per reload: seconds from issuing the reload until every old worker
 process is gone (polled every few ms with psutil). For svcd also the agent's own
@@ -618,13 +621,14 @@ def median(values: Sequence[float]) -> float:
 
 
 def bench_system(cls: type[System], tools: dict[str, str], tmp: Path,
-                 rounds: int) -> dict[str, Any]:
+                 rounds: int, steady_runs: int = 1) -> dict[str, Any]:
     procs = Procs()
     try:
         system = cls(procs, tmp, tools)
         system.start()
         loadavg = os.getloadavg()
-        steady = one_run(system, tools["wrk"], reload=False)
+        steadies = [one_run(system, tools["wrk"], reload=False) for _ in range(steady_runs)]
+        steady = sorted(steadies, key=lambda r: r.wrk.p99_ms)[len(steadies) // 2]
         runs = [one_run(system, tools["wrk"], reload=True) for _ in range(rounds)]
         extra = system.extra()
         command = system.command()
@@ -637,6 +641,7 @@ def bench_system(cls: type[System], tools: dict[str, str], tmp: Path,
         "loadavg_at_start": [round(x, 2) for x in loadavg],
         "steady": asdict(steady.wrk) | {"errors": steady.wrk.errors},
         "steady_loadavg": steady.loadavg,
+        "steady_p99_ms_runs": [r.wrk.p99_ms for r in steadies],
         "runs": [asdict(r.wrk) | {"errors": r.wrk.errors, "reload_s": r.reload_s,
                                   "pids_changed": r.pids_changed, "loadavg": r.loadavg}
                  for r in runs],
@@ -676,6 +681,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=10, help="reload runs per svcd system")
     parser.add_argument("--peer-rounds", type=int, default=3, help="reload runs per peer")
+    parser.add_argument("--steady-runs", type=int, default=3,
+                        help="runs without a reload; the median-p99 one is the baseline")
     parser.add_argument("--only", default="", help="comma-separated system names")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--editable", action="store_true",
@@ -705,9 +712,10 @@ def main() -> int:
                 skipped[name] = f"not installed: {', '.join(missing)}"
                 continue
             rounds = args.rounds if name in SVCD_SYSTEMS else args.peer_rounds
-            print(f"== {name}: 1 steady + {rounds} reload runs of {DURATION} s", flush=True)
+            print(f"== {name}: {args.steady_runs} steady + {rounds} reload runs of {DURATION} s",
+                  flush=True)
             try:
-                results.append(bench_system(cls, tools, tmp, rounds))
+                results.append(bench_system(cls, tools, tmp, rounds, args.steady_runs))
             except BenchError as exc:
                 skipped[name] = f"failed: {exc}"
                 print(f"   {name} failed: {exc}", flush=True)
